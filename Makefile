@@ -1,0 +1,35 @@
+# The two set-up commands of the README: `make run` and `make test`.
+# Both create .venv (CPU machine: torch comes from the local wheel cache when present),
+# install totobench with every extra, and the offscreen renderer MuJoCo needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MUJOCO_GL ?= osmesa
+export PYOPENGL_PLATFORM ?= osmesa
+
+.PHONY: setup run quick test bench clean-cache
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@if ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libosmesa6 >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq libosmesa6 >/dev/null; fi; fi
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[all]"
+	touch $@
+
+# The default suite on the embedded data world with the bundled model.
+run: setup
+	$(VENV)/bin/totobench run --model toto-tiny --tasks all --layers all
+	$(VENV)/bin/totobench export results --format md --out results/LEADERBOARD.md
+
+quick: setup
+	$(VENV)/bin/totobench run --model toto-tiny --tasks all --layers all --quick --out results-quick
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -x --timeout 600
+
+bench: setup
+	$(VENV)/bin/python benchmarks/report.py

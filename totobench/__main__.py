@@ -1,0 +1,7 @@
+"""`python -m totobench` (also what `torchrun -m totobench run ...` starts)."""
+
+import sys
+
+from totobench.cli import main
+
+sys.exit(main())

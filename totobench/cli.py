@@ -1,0 +1,158 @@
+"""The `totobench` command.
+
+Every subcommand is declared here with its arguments; its handler lives next to the code it
+drives and is imported only when that subcommand runs, so `totobench --help` stays fast.
+A handler takes the parsed arguments and returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from totobench import __version__
+from totobench.errors import TotobenchError
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="evaluate a model on tasks, at every requested layer",
+                       description="Evaluate a frozen model on tasks at every requested layer and "
+                                   "write one result file per (model, task).")
+    p.add_argument("--model", required=True, help="checkpoint folder, or a registered name "
+                   "(toto-tiny, random-init:toto-tiny; see `totobench ls models`)")
+    p.add_argument("--tasks", required=True, help="comma-separated task names, or `all`")
+    p.add_argument("--layers", default="all", help="`all`, START:STOP:STEP, or a list i,j,-1 "
+                   "(layer i = residual stream after block i, 0-based; negatives count from the end)")
+    p.add_argument("--out", default="results", help="results folder (default: results/)")
+    p.add_argument("--quick", action="store_true", help="a small subset of every split, for smoke tests")
+    p.add_argument("--data-root", help="folder holding one dataset root per format "
+                   "(imagenet/, kinetics400/, ego4d/, davis/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a task setting, e.g. --set imagenet.root=/data/imagenet "
+                        "or --set probe.epochs=5 (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute results that already exist in --out (default: skip them)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.set_defaults(handler="totobench.runner:cli_run")
+
+
+def _add_ls(sub):
+    p = sub.add_parser("ls", help="list registered tasks, models or probes")
+    p.add_argument("what", nargs="?", default="tasks", choices=["tasks", "models", "probes"])
+    p.set_defaults(handler="totobench.runner:cli_ls")
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="print a checkpoint's config, size, sha256 and training facts")
+    p.add_argument("checkpoint", help="checkpoint folder or registered model name")
+    p.set_defaults(handler="totobench.model.checkpoint:cli_info")
+
+
+def _add_data(sub):
+    p = sub.add_parser("data", help="generate or check datasets")
+    dsub = p.add_subparsers(dest="data_command", metavar="{synth,check,robot-demos}")
+    dsub.required = True
+    s = dsub.add_parser("synth", help="generate the embedded data world in the real dataset formats")
+    s.add_argument("--out", required=True, help="folder to write (created)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default="default", choices=["tiny", "default"])
+    s.set_defaults(handler="totobench.data.synth:cli_synth")
+    c = dsub.add_parser("check", help="validate a dataset root and summarise it")
+    c.add_argument("--format", required=True, choices=["imagenet", "k400", "ego4d-sta", "davis"])
+    c.add_argument("root")
+    c.set_defaults(handler="totobench.data.check:cli_check")
+    r = dsub.add_parser("robot-demos", help="render MetaWorld expert demonstrations to disk")
+    r.add_argument("--out", help="folder to write (default: $TOTOBENCH_HOME/data/robot)")
+    r.add_argument("--env", action="append", default=[], help="MetaWorld task, e.g. drawer-open (repeatable)")
+    r.add_argument("--demos", type=int, default=25)
+    r.add_argument("--resolution", type=int, default=64)
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(handler="totobench.tasks.robot:cli_robot_demos")
+
+
+def _add_pretrain(sub):
+    p = sub.add_parser("pretrain", help="train the tokenizer and the Toto backbone from scratch")
+    p.add_argument("--config", required=True, help="pre-training YAML")
+    p.add_argument("--out", help="checkpoint folder (default: from the config)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler="totobench.model.pretrain:cli_pretrain")
+
+
+def _add_export(sub):
+    p = sub.add_parser("export", help="leaderboard and per-layer tables from result files")
+    p.add_argument("results", help="results folder (as written by `run`)")
+    p.add_argument("--format", required=True, choices=["md", "csv", "json", "html"])
+    p.add_argument("--out", help="output file (default: standard output)")
+    p.set_defaults(handler="totobench.results.export:cli_export")
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="per-layer curves of several models or runs, by relative depth")
+    p.add_argument("results", nargs="+", help="result folders or files")
+    p.add_argument("--task", help="only this task")
+    p.add_argument("--plot", help="write the layer-sweep plot to this PNG")
+    p.set_defaults(handler="totobench.results.compare:cli_compare")
+
+
+def _add_validate(sub):
+    p = sub.add_parser("validate", help="check result files against the result schema")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(handler="totobench.results.schema:cli_validate")
+
+
+def _add_davis_eval(sub):
+    p = sub.add_parser("davis-eval", help="official DAVIS-2017 semi-supervised J&F of a results folder")
+    p.add_argument("--davis-root", required=True)
+    p.add_argument("--results", required=True, help="folder with <seq>/<frame>.png indexed masks")
+    p.add_argument("--set", dest="split", default="val", help="ImageSets/2017 split (default val)")
+    p.add_argument("--json", help="write the metrics as JSON to this file")
+    p.set_defaults(handler="totobench.metrics.davis:cli_davis_eval")
+
+
+def _add_sta_eval(sub):
+    p = sub.add_parser("sta-eval", help="official Ego4D STA Top-5 mAP of a prediction file")
+    p.add_argument("annotations", help="fho_sta_val.json (ground truth)")
+    p.add_argument("predictions", help="predictions in the challenge format")
+    p.add_argument("--json", help="write the metrics as JSON to this file")
+    p.set_defaults(handler="totobench.metrics.ego4d_sta:cli_sta_eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="totobench",
+        description="Evaluate autoregressive video models layer by layer "
+                    "(ImageNet, Kinetics-400, Ego4D STA, DAVIS-2017, robot manipulation).")
+    parser.add_argument("--version", action="version", version=f"totobench {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_run, _add_ls, _add_info, _add_data, _add_pretrain, _add_export,
+                _add_compare, _add_validate, _add_davis_eval, _add_sta_eval):
+        add(sub)
+    return parser
+
+
+def _load_handler(path: str):
+    module, func = path.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_load_handler(args.handler)(args) or 0)
+    except TotobenchError as err:
+        if args.debug:
+            raise
+        print(f"totobench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("totobench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,7 +69,7 @@ def _add_data(sub):
     r.add_argument("--demos", type=int, default=25)
     r.add_argument("--resolution", type=int, default=64)
     r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(handler="totobench.tasks.robot:cli_robot_demos")
+    r.set_defaults(handler="totobench.data.robot:cli_robot_demos")
 
 
 def _add_pretrain(sub):

@@ -1,0 +1,49 @@
+"""A tiny pre-training corpus and the micro config, shared by the pre-training tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from totobench.data.video import write_mp4
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO_CONFIG = REPO / "configs" / "pretrain" / "micro.yaml"
+
+
+def _scene(rng: np.random.Generator, t: int, size: int) -> np.ndarray:
+    """uint8 [t, size, size, 3]: a coloured square moving over a flat background."""
+    bg, fg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    x0, y0 = rng.integers(0, size // 2, 2)
+    vx, vy = rng.integers(-1, 2, 2)
+    frames = np.empty((t, size, size, 3), np.uint8)
+    for i in range(t):
+        frames[i] = bg
+        x, y = (x0 + vx * i) % (size // 2), (y0 + vy * i) % (size // 2)
+        frames[i, y:y + size // 2, x:x + size // 2] = fg
+    return frames
+
+
+def make_corpus(root: Path, images: int = 8, videos: int = 5, frames: int = 12, size: int = 16) -> Path:
+    """Write root/images/*.JPEG and root/videos/*.mp4; returns root."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "videos").mkdir(parents=True)
+    for i in range(images):
+        Image.fromarray(_scene(rng, 1, 24)[0]).save(root / "images" / f"img_{i:03d}.JPEG", quality=95)
+    for i in range(videos):
+        write_mp4(root / "videos" / f"vid_{i:03d}.mp4", _scene(rng, frames, size), fps=10)
+    return root
+
+
+def micro_config(tmp: Path, data_root: Path, **train) -> Path:
+    """The micro config with data.root set (and train.* overridden); returns its path."""
+    cfg = yaml.safe_load(MICRO_CONFIG.read_text())
+    cfg["data"]["root"] = str(data_root)
+    cfg["train"].update(train)
+    path = tmp / "micro.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

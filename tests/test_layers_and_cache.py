@@ -1,0 +1,54 @@
+"""Layer specs and the feature cache's integrity checks."""
+
+import numpy as np
+import pytest
+
+from totobench.errors import ConfigError
+from totobench.features.cache import FeatureCache, cache_key
+from totobench.runner import parse_layers
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("all", [0, 1, 2, 3, 4, 5, 6, 7]), ("0,4,-1", [0, 4, 7]), ("2:8:2", [2, 4, 6]),
+    ("::3", [0, 3, 6]), ("-2,-1,-1", [6, 7]),
+])
+def test_parse_layers(spec, expected):
+    assert parse_layers(spec, 8) == expected
+
+
+@pytest.mark.parametrize("spec", ["8", "-9", "a,b", ""])
+def test_parse_layers_rejects(spec):
+    with pytest.raises(ConfigError):
+        parse_layers(spec, 8)
+
+
+def test_cache_roundtrip_and_truncated_shard_is_a_miss(tmp_path):
+    cache = FeatureCache(tmp_path)
+    key = cache_key(checkpoint="abc", layer=3, pooling="mean")
+    values = np.arange(40, dtype=np.float16).reshape(10, 4)
+    w = cache.writer(key, values.shape)
+    w.write(0, values[:6])
+    w.write(6, values[6:])
+    w.commit()
+    np.testing.assert_array_equal(cache.load(key), values)
+    path = cache.path(key)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])  # truncate: must be detected, never read
+    assert cache.load(key) is None
+    path.write_bytes(data[:-8] + b"\x00" * 8)  # same size, corrupt bytes
+    assert cache.load(key) is None
+
+
+def test_cache_key_changes_with_every_part():
+    base = dict(checkpoint="a", layer=1, pooling="mean", transform="t", dataset="d")
+    keys = {cache_key(**base)}
+    for k in base:
+        keys.add(cache_key(**{**base, k: "other"}))
+    assert len(keys) == len(base) + 1
+
+
+def test_aborted_writer_leaves_nothing(tmp_path):
+    cache = FeatureCache(tmp_path)
+    w = cache.writer("k", (4, 2))
+    w.abort()
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,157 @@
+"""Named backbones: what `--model NAME|PATH` resolves to, loaded and ready to give features.
+
+    backbone = load_backbone("toto-tiny")              # checkpoints/toto-tiny
+    backbone = load_backbone("random-init:toto-tiny")  # same config + tokenizer, seed-0 random weights
+    backbone = load_backbone("/path/to/checkpoint")    # any checkpoint folder
+    feats = backbone.forward_frames(frames, layers=[0, -1], kind="video")   # 2 x [B, T, h*w, D]
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from totobench.errors import CheckpointError, ConfigError, DataError
+from totobench.model.checkpoint import (load_checkpoint, load_tokenizer, read_config, sha256_bytes,
+                                         weights_bytes)
+from totobench.model.toto import Toto, TotoConfig
+from totobench.paths import checkpoints_dir
+
+RANDOM_INIT = "random-init:"
+BUNDLED = ("toto-tiny",)          # names that always resolve to checkpoints/<name>
+ENCODE_BATCH = 256                # frames per tokenizer call, to bound the conv activations' memory
+
+
+@dataclass
+class Backbone:
+    name: str
+    model: Toto
+    tokenizer: "VisualTokenizer"  # noqa: F821 (totobench.model.tokenizer)
+    sha256: str
+    path: Path | None
+
+    @property
+    def config(self) -> TotoConfig:
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.n_layers
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.tok_embeddings.weight.device
+
+    def _check_frames(self, frames: torch.Tensor) -> None:
+        r = self.config.resolution
+        if frames.ndim != 5 or frames.shape[2] != 3 or frames.shape[3] != r or frames.shape[4] != r:
+            raise DataError(f"{self.name}: frames must be [B, T, 3, {r}, {r}] in [0, 1] "
+                            f"(config.resolution={r}), got {list(frames.shape)}")
+
+    @torch.no_grad()
+    def tokenize(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames FloatTensor [B, T, 3, H, W] in [0, 1], H = W = config.resolution
+        -> LongTensor [B, T, h*w] of codebook ids (raster order). Each frame is tokenized alone."""
+        self._check_frames(frames)
+        B, T = frames.shape[:2]
+        flat = frames.reshape(B * T, *frames.shape[2:]).to(self.device, torch.float32)
+        ids = torch.cat([self.tokenizer.encode(chunk) for chunk in flat.split(ENCODE_BATCH)])
+        return ids.reshape(B, T, -1)
+
+    @torch.no_grad()
+    def forward_frames(self, frames: torch.Tensor, layers: list[int], kind: str) -> list[torch.Tensor]:
+        """Features of every frame token at each requested layer, fp32.
+
+        frames [B, T, 3, H, W] in [0, 1]. kind="video": one sequence per clip,
+        [video_start, frame 0 tokens, ..., frame T-1 tokens]. kind="image": every image is its own
+        sequence [image_start, image tokens], so images never see each other. One transformer pass;
+        the start token's output is dropped. Returns one [B, T, h*w, D] tensor per layer, in the
+        order of `layers` (negative indices count from the end).
+        Raises ConfigError for a bad kind or layer, DataError for frames of the wrong shape.
+        """
+        if kind not in ("image", "video"):
+            raise ConfigError(f"kind must be 'image' or 'video', got {kind!r}")
+        ids = self.tokenize(frames)                                     # [B, T, hw]
+        B, T, hw = ids.shape
+        if kind == "image":
+            sequences, start = ids.reshape(B * T, hw), self.config.image_start_id
+        else:
+            sequences, start = ids.reshape(B, T * hw), self.config.video_start_id
+        starts = torch.full((sequences.shape[0], 1), start, dtype=torch.long, device=ids.device)
+        feats = self.model.forward_intermediates(torch.cat([starts, sequences], dim=1), layers)
+        return [f[:, 1:].reshape(B, T, hw, -1) for f in feats]
+
+
+def list_models() -> list[str]:
+    """Registered names: the bundled checkpoints, every folder of checkpoints/ with a config.json,
+    and the random-init baseline of each."""
+    names = set(BUNDLED)
+    root = checkpoints_dir()
+    if root.is_dir():
+        names |= {p.name for p in root.iterdir() if (p / "config.json").is_file()}
+    names = sorted(names)
+    return names + [RANDOM_INIT + n for n in names]
+
+
+def resolve_checkpoint(name_or_path: str) -> Path:
+    """A registered name or a checkpoint folder path -> the folder.
+    Raises ConfigError with close matches for an unknown name, CheckpointError if a registered
+    checkpoint has not been produced yet."""
+    registered = [n for n in list_models() if not n.startswith(RANDOM_INIT)]
+    if name_or_path in registered:
+        path = checkpoints_dir() / name_or_path
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: the {name_or_path} checkpoint is missing; produce it with "
+                                  f"`totobench pretrain --config FILE --out {path}`")
+        return path
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConfigError(f"model {name_or_path!r} is a file; expected a checkpoint folder or a registered name")
+    close = difflib.get_close_matches(name_or_path, list_models(), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise ConfigError(f"unknown model {name_or_path!r}{hint} (registered: {', '.join(list_models())}; "
+                      f"or give a checkpoint folder)")
+
+
+def _random_init(config: TotoConfig) -> Toto:
+    """Toto with weights from torch.manual_seed(0)."""
+    torch.manual_seed(0)
+    return Toto(config)
+
+
+def load_backbone(name_or_path: str, device: str = "cpu") -> Backbone:
+    """A frozen (eval, no grad) backbone with its tokenizer. `name_or_path`: a registered name
+    (see list_models()), "random-init:<name or path>", or a checkpoint folder.
+    Raises ConfigError for an unknown name, CheckpointError for a bad or tokenizer-less folder."""
+    with torch.random.fork_rng(devices=[]):   # building modules draws random numbers: not the caller's
+        return _load_backbone(name_or_path, device)
+
+
+def _load_backbone(name_or_path: str, device: str) -> Backbone:
+    random_init = name_or_path.startswith(RANDOM_INIT)
+    path = resolve_checkpoint(name_or_path.removeprefix(RANDOM_INIT))
+    if random_init:
+        config = read_config(path)
+        model = _random_init(config)
+        tokenizer = load_tokenizer(path, config, device)
+        sha = sha256_bytes(weights_bytes(model))
+    else:
+        model, tokenizer, sha, _ = load_checkpoint(path, device)
+    if tokenizer is None:
+        raise CheckpointError(f"{path / 'tokenizer'}: missing (a backbone needs the visual tokenizer: "
+                              f"tokenizer/config.json and tokenizer/model.safetensors)")
+    model = model.to(device).eval().requires_grad_(False)
+    tokenizer = tokenizer.to(device).eval().requires_grad_(False)
+    # a folder given by path is named after the folder, so result paths stay short
+    base = name_or_path.removeprefix(RANDOM_INIT)
+    name = (RANDOM_INIT if random_init else "") + (base if base in list_models() else path.name)
+    return Backbone(name=name, model=model, tokenizer=tokenizer, sha256=sha,
+                    path=None if random_init else path)

@@ -1,0 +1,300 @@
+"""Toto: a LLaMA-style causal decoder over discrete visual tokens.
+
+One config dataclass, one block, one model, read top to bottom:
+RMSNorm pre-norm, multi-head attention with 1-D rotary position embeddings (RoPE) and
+`F.scaled_dot_product_attention(is_causal=True)`, a SwiGLU MLP, no biases anywhere, and untied
+input embedding and output head.
+
+RoPE uses the "rotate half" layout of Hugging Face `LlamaForCausalLM` (the first half of each head's
+channels pairs with the second half), so our weights map onto theirs name for name, unpermuted.
+
+    model = Toto(TotoConfig.preset("toto-tiny"))
+    logits = model(tokens)                                     # [B, L, vocab_size]
+    feats = model.forward_intermediates(tokens, [0, 3, -1])    # 3 x [B, L, dim], one pass
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from totobench.errors import ConfigError
+
+
+@dataclass
+class TotoConfig:
+    dim: int
+    n_layers: int
+    n_heads: int
+    mlp_hidden: int
+    codebook_size: int        # visual tokenizer vocabulary; ids [0, codebook_size)
+    vocab_size: int           # codebook + image start + video start + end (+ padding)
+    max_seq_len: int
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    resolution: int = 128     # square frame size in pixels fed to the tokenizer
+    patch_size: int = 8       # tokenizer downsampling: one token per patch_size x patch_size pixels
+    num_frames: int = 16      # frames per video clip
+    frame_stride: int = 4     # take every k-th frame of a video
+    images_per_sequence: int = 16
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ConfigError(f"TotoConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ConfigError(f"TotoConfig: head dim {self.dim // self.n_heads} must be even for RoPE")
+        if self.vocab_size < self.codebook_size + 3:
+            raise ConfigError(f"TotoConfig: vocab_size={self.vocab_size} must be >= codebook_size + 3 "
+                              f"= {self.codebook_size + 3} (image start, video start, end tokens)")
+        if self.resolution % self.patch_size:
+            raise ConfigError(f"TotoConfig: resolution={self.resolution} must be a multiple of "
+                              f"patch_size={self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def image_start_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def video_start_id(self) -> int:
+        return self.codebook_size + 1
+
+    @property
+    def end_id(self) -> int:
+        return self.codebook_size + 2
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side of one frame."""
+        return self.resolution // self.patch_size
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.grid ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TotoConfig":
+        """Build from a dict such as a checkpoint's config.json; extra keys (e.g. "architecture")
+        are ignored, a missing field raises ConfigError."""
+        names = [f.name for f in fields(cls)]
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise ConfigError(f"Toto config is missing field(s) {', '.join(missing)}")
+        return cls(**{k: d[k] for k in names if k in d})
+
+    @classmethod
+    def preset(cls, name: str) -> "TotoConfig":
+        """`toto-base`, `toto-large`, `toto-1b` (the paper's shapes) or `toto-tiny` (ours)."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown Toto preset {name!r}; expected one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+
+# The paper's models read 16 frames (every 4th) of 128 px video through an 8k dVAE codebook.
+_PAPER = dict(codebook_size=8192, vocab_size=8192 + 3, max_seq_len=4096, resolution=128,
+              num_frames=16, frame_stride=4, images_per_sequence=16)
+PRESETS: dict[str, dict] = {
+    "toto-base": dict(dim=768, n_layers=12, n_heads=12, mlp_hidden=3072, **_PAPER),
+    "toto-large": dict(dim=1024, n_layers=16, n_heads=16, mlp_hidden=4096, **_PAPER),
+    "toto-1b": dict(dim=2048, n_layers=22, n_heads=16, mlp_hidden=5632, **_PAPER),
+    "toto-tiny": dict(dim=256, n_layers=8, n_heads=8, mlp_hidden=704, codebook_size=1024,
+                      vocab_size=1027, max_seq_len=1024, resolution=64, num_frames=8,
+                      frame_stride=2, images_per_sequence=8),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 like LLaMA, so low-precision inputs keep the same statistics
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None):
+    """cos, sin of shape [seq_len, head_dim] for positions 0..seq_len-1 (rotate-half layout)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x: [B, H, L, hd]; channel j is rotated together with channel j + hd/2."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TotoConfig):
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.wq = nn.Linear(config.dim, config.dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.dim, bias=False)
+        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, L, D = x.shape
+        q, k, v = (w(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
+                   for w in (self.wq, self.wk, self.wv))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(B, L, D))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: TotoConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.mlp_hidden, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.mlp_hidden, bias=False)  # up
+        self.w2 = nn.Linear(config.mlp_hidden, config.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TotoConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Toto(nn.Module):
+    def __init__(self, config: TotoConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        cos, sin = rope_cos_sin(config.max_seq_len, config.head_dim, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: shrink the projections that write into the residual stream with depth
+        for name, p in self.named_parameters():
+            if name.endswith(("attention.wo.weight", "mlp.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count. As in nanoGPT, the embedding lookup table is left out by default
+        (it costs no compute); the output head, norms and blocks are counted."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.n_layers
+
+    def _rope(self, seq_len: int, device):
+        if seq_len > self.rope_cos.shape[0] or self.rope_cos.device != torch.device(device):
+            # longer than max_seq_len (e.g. 16 frames + a start token): extend rather than fail
+            cos, sin = rope_cos_sin(max(seq_len, self.config.max_seq_len), self.config.head_dim,
+                                    self.config.rope_base, device=device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+
+    def _check_tokens(self, tokens):
+        if tokens.dim() != 2:
+            raise ConfigError(f"Toto expects tokens of shape [B, L], got {list(tokens.shape)}")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: LongTensor [B, L] in [0, vocab_size) -> logits [B, L, vocab_size]."""
+        self._check_tokens(tokens)
+        x = self.tok_embeddings(tokens)
+        cos, sin = self._rope(tokens.shape[1], x.device)
+        for block in self.layers:
+            x = block(x, cos, sin)
+        return self.output(self.norm(x))
+
+    def resolve_layers(self, layers) -> list[int]:
+        """Layer indices (negatives count from the end) -> non-negative indices, same order.
+        Raises ConfigError naming the valid range for an index out of range."""
+        n = self.config.n_layers
+        if isinstance(layers, int):
+            layers = [layers]
+        layers = list(layers)
+        if not layers:
+            raise ConfigError("no layers requested; give at least one layer index")
+        resolved = []
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise ConfigError(f"layer index {i!r} is not an integer")
+            if not -n <= i < n:
+                raise ConfigError(f"layer {i} is out of range for a model with {n} layers: "
+                                  f"valid indices are 0..{n - 1} or -{n}..-1")
+            resolved.append(i % n)
+        return resolved
+
+    def forward_intermediates(self, tokens: torch.Tensor, layers) -> list[torch.Tensor]:
+        """Residual stream after each requested block (0-based, before the final norm).
+
+        tokens: LongTensor [B, L]; layers: int or list of ints, negatives count from the end.
+        Returns a list of [B, L, dim] tensors in the order requested. One pass that stops after
+        the deepest requested block. Raises ConfigError for an out-of-range index.
+        """
+        self._check_tokens(tokens)
+        take = self.resolve_layers(layers)
+        x = self.tok_embeddings(tokens)
+        cos, sin = self._rope(tokens.shape[1], x.device)
+        by_layer = {}
+        for i, block in enumerate(self.layers[: max(take) + 1]):
+            x = block(x, cos, sin)
+            if i in take:
+                by_layer[i] = x
+        return [by_layer[i] for i in take]
+
+    # ---- interop (implemented in hf.py / checkpoint.py; here for the DESIGN.md API) ----
+
+    def save_hf_llama(self, directory) -> Path:
+        """Write config.json + model.safetensors that transformers loads as LlamaForCausalLM."""
+        from totobench.model.hf import save_hf_llama
+        return save_hf_llama(self, directory)
+
+    @classmethod
+    def from_hf_llama(cls, directory) -> "Toto":
+        """Read a LlamaForCausalLM folder (config.json + safetensors) into a Toto."""
+        from totobench.model.hf import load_hf_llama
+        return load_hf_llama(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "Toto":
+        """Load the transformer of a totobench checkpoint folder (see checkpoint.py)."""
+        from totobench.model.checkpoint import load_model
+        return load_model(directory)[0]

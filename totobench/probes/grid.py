@@ -1,0 +1,114 @@
+"""What every probe grid shares: the held-out selection slice, a per-head AdamW, the lr schedule.
+
+A "grid" trains many heads at once. Their weights are stacked on leading axes (one index per
+head), so one tensor op serves every head and each head keeps its own learning rate and decay.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from totobench.errors import ConfigError, DataError
+
+
+def holdout_split(labels: torch.Tensor, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split train items into (fit, holdout) index tensors, stratified by class, deterministic in seed.
+
+    Each class gives round(fraction * its count) random items to the holdout slice. Both index
+    tensors are sorted ascending (cheap reads from memory-mapped features).
+    Raises ConfigError when fraction is not in (0, 1), DataError when a slice would be empty.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ConfigError(f"probe.holdout must be a fraction in (0, 1), got {fraction}")
+    labels = torch.as_tensor(labels).long().cpu()
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator)
+    shuffled = labels[order]
+    # position of each shuffled item within its class: a stable sort groups classes, keeps shuffle order
+    by_class = torch.sort(shuffled, stable=True).indices
+    counts = torch.bincount(shuffled)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(by_class)
+    rank[by_class] = torch.arange(len(labels)) - starts[shuffled[by_class]]
+    take = torch.floor(counts.double() * fraction + 0.5).long()
+    is_holdout = rank < take[shuffled]
+    fit, holdout = order[~is_holdout].sort().values, order[is_holdout].sort().values
+    if len(fit) == 0 or len(holdout) == 0:
+        raise DataError(f"train split has {len(labels)} items: a {fraction:.0%} held-out slice "
+                        f"leaves {len(fit)} to fit and {len(holdout)} to select on (need >= 1 each)")
+    return fit, holdout
+
+
+def gather_rows(features, index: torch.Tensor, device="cpu") -> torch.Tensor:
+    """Rows `index` of a feature array (torch tensor, numpy array or memmap, any float dtype) as fp32 on device."""
+    if isinstance(features, torch.Tensor):
+        rows = features[index.to(features.device)]
+    else:
+        rows = torch.from_numpy(np.ascontiguousarray(features[index.numpy()]))
+    return rows.to(device=device, dtype=torch.float32)
+
+
+def cosine_lr_scale(step: int, total_steps: int | None, warmup_steps: int = 0) -> float:
+    """Learning-rate multiplier: linear warmup to 1, then cosine decay to 0 at total_steps (None: constant)."""
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if total_steps is None:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class GridAdamW:
+    """AdamW where the leading axes of every parameter index heads with their own lr and decay.
+
+    params: list of (parameter, decay) pairs; every parameter's shape starts with lr.shape.
+    lr, weight_decay: tensors of that leading shape (decoupled decay, applied where decay=True).
+    """
+
+    def __init__(self, params: list[tuple[torch.Tensor, bool]], lr: torch.Tensor, weight_decay: torch.Tensor,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params = [p for p, _ in params]
+        self.decay = [d for _, d in params]
+        for p in self.params:
+            if tuple(p.shape[:lr.ndim]) != tuple(lr.shape):
+                raise ValueError(f"parameter of shape {tuple(p.shape)} does not start with the lr shape {tuple(lr.shape)}")
+        self.lr, self.weight_decay = lr, weight_decay
+        self.betas, self.eps = betas, eps
+        self.steps = 0
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def _per_head(self, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return values.to(p.device, p.dtype).reshape(values.shape + (1,) * (p.ndim - values.ndim))
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr_scale: float = 1.0):
+        self.steps += 1
+        beta1, beta2 = self.betas
+        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        for p, decay, m, v in zip(self.params, self.decay, self.exp_avg, self.exp_avg_sq):
+            if p.grad is None:
+                continue
+            lr = self._per_head(self.lr, p) * lr_scale
+            if decay:
+                p.mul_(1 - lr * self._per_head(self.weight_decay, p))
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            p.sub_(lr * (m / bias1) / ((v / bias2).sqrt() + self.eps))
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "exp_avg": [t.clone() for t in self.exp_avg],
+                "exp_avg_sq": [t.clone() for t in self.exp_avg_sq]}
+
+    def load_state_dict(self, state: dict):
+        self.steps = int(state["steps"])
+        for dst, src in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
+            dst.copy_(src)
+

@@ -75,7 +75,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lrs, wds = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (1e-4, 1e-2)
-    cs = np.logspace(-4, 1, len(lrs) * len(wds))
+    cs = np.logspace(-2, 1, len(lrs) * len(wds))  # spans C = 1 / (wd * N) of the wd grid
     train, y_train, val, y_val = synthetic_layers(args.layers, args.n, args.dim, args.classes)
     print(f"{args.layers} layers x {args.n} x {args.dim} features, {args.classes} classes, {args.threads} thread(s)")
 

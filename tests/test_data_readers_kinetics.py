@@ -103,6 +103,14 @@ def test_pytorchvideo_list_file_and_class_tree(tmp_path):
     index = KineticsIndex(root, "train")
     assert index.layout == "list" and index.classes == ["0", "1", "2"]
     assert [y for _, y in index.videos] == [0, 1, 2]
+    assert KineticsIndex(root / "train.csv", "train").videos == index.videos  # the file as the root
+
+
+def test_annotation_file_given_as_the_root(tmp_path):
+    root = make_kinetics(tmp_path / "k400")
+    index = KineticsIndex(root / "annotations" / "validate.csv", "val")
+    assert [Path(p).name for p, _ in index.videos] == ["v-al_1_000002_000012.mp4", "_val2_000000_000010.mp4"]
+    assert index.classes == ["abseiling", "air drumming", "zumba"]  # from annotations/train.csv
 
 
 def test_bad_videos_are_skipped_and_counted_never_fatal(tmp_path):

@@ -89,10 +89,11 @@ def test_dilate_disk_equals_binary_dilation_with_the_disk():
     rng = np.random.default_rng(0)
     assert disk(1).astype(int).tolist() == [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
     assert disk(8).sum() == sum(1 for y in range(-8, 9) for x in range(-8, 9) if x * x + y * y <= 64)
-    for radius in (1, 3, 8):
-        bmap = rng.random((40, 50)) < 0.01
+    for radius, shape in [(0, (9, 9)), (1, (40, 50)), (3, (40, 50)), (8, (40, 50)), (8, (5, 30))]:
+        bmap = rng.random(shape) < 0.02
+        bmap[0, 0] = bmap[-1, -1] = True  # corners: nothing may leak in from outside the image
         expected = ndimage.binary_dilation(bmap, structure=disk(radius))
-        assert np.array_equal(dilate_disk(bmap, radius), expected)
+        assert np.array_equal(dilate_disk(bmap, radius), expected), (radius, shape)
 
 
 def test_mean_recall_decay_by_hand():
@@ -148,6 +149,20 @@ def test_j_and_f_match_a_brute_force_computation_on_blobs():
     assert 0 < inter / union < 1
     assert np.array_equal(boundary_map(pred), _brute_force_boundary(pred))
     for bound_th in (0.008, 3):
+        expected = _brute_force_f(pred, gt, boundary_radius(shape, bound_th))
+        assert boundary_f(pred, gt, bound_th=bound_th) == pytest.approx(expected)
+        assert 0 < expected < 1
+
+
+def test_f_matches_brute_force_on_small_objects_far_from_the_edges():
+    # boundaries in a small part of the frame, some pixels more than the radius apart
+    shape = (60, 80)
+    gt, pred = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    gt[20:30, 30:45] = True
+    gt[33:36, 50:52] = True
+    pred[22:31, 33:44] = True
+    pred[40:42, 10:12] = True
+    for bound_th in (0.008, 2, 4):
         expected = _brute_force_f(pred, gt, boundary_radius(shape, bound_th))
         assert boundary_f(pred, gt, bound_th=bound_th) == pytest.approx(expected)
         assert 0 < expected < 1

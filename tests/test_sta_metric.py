@@ -2,13 +2,13 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from totobench.cli import main
 from totobench.errors import DataError
 from totobench.metrics.ego4d_sta import (CHALLENGE, box_iou, sta_top5_map,
                                          validate_sta_predictions)
-import numpy as np
 
 GT_BOX = [0, 0, 9, 9]  # 10 x 10 = 100 px with the end pixel counted (81 without)
 

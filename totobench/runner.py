@@ -8,6 +8,7 @@ valid is skipped (re-run the same command to continue an interrupted run; `--ove
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import sys
@@ -114,13 +115,51 @@ def build_result(backbone, task, cfg: dict, out: TaskOutput, data_root: Path | N
 
 
 def cli_run(args) -> int:
-    from totobench.model.registry import load_backbone
-    from totobench.results.schema import load_result, result_path, write_result_atomic
+    """`totobench run`; under torchrun, rank 0 runs the tasks and the other ranks extract."""
+    from totobench.features import distributed
 
     console = Console(stderr=False)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
+    rank_info, device = distributed.init_from_env(device)  # under torchrun: join the group
+    if not rank_info.is_main:
+        return _serve_as_worker(args, device)
+    workers = {"serving": False}
+    try:
+        return _run_tasks(args, device, console, workers)
+    finally:
+        if workers["serving"]:
+            distributed.send_job(distributed.STOP)  # also when rank 0 failed: the others exit 0
+        distributed.shutdown()
+
+
+def _serve_as_worker(args, device: torch.device) -> int:
+    """A torchrun rank > 0: the same checks as rank 0 (errors are rank 0's to print), then
+    extract the chunks rank 0 hands out until it says stop."""
+    from totobench.features import distributed
+    from totobench.model.registry import load_backbone
+    try:
+        try:
+            for name in resolve_task_names(args.tasks):
+                load_task_config(name, args.overrides)
+            backbone = load_backbone(args.model, device=device)
+            parse_layers(args.layers, backbone.num_layers)
+        except TotobenchError:
+            return 2  # rank 0 fails the same way and says why
+        if distributed.broadcast_object(None) == distributed.STOP:  # handshake (carries rank 0's --no-cache folder)
+            return 0
+        return distributed.serve_extraction(backbone, device)
+    finally:
+        distributed.shutdown()
+
+
+def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> int:
+    """Rank 0's (or the only process's) part of `run`: every task, one result file each."""
+    from totobench.features import distributed
+    from totobench.model.registry import load_backbone
+    from totobench.results.schema import load_result, result_path, write_result_atomic
+
     names = resolve_task_names(args.tasks)
     configs = {name: load_task_config(name, args.overrides) for name in names}  # fail fast on any bad YAML
     out_dir = Path(args.out)
@@ -134,6 +173,9 @@ def cli_run(args) -> int:
     tmp_cache = None
     if args.no_cache:
         tmp_cache = tempfile.TemporaryDirectory(prefix="totobench-features-")
+    if distributed.info().active:
+        distributed.broadcast_object(tmp_cache.name if tmp_cache else None)  # pairs with the workers' handshake
+        workers["serving"] = True
     from totobench.features.cache import FeatureCache
     cache = FeatureCache(Path(tmp_cache.name) if tmp_cache else cache_home())
     written = []
@@ -144,7 +186,7 @@ def cli_run(args) -> int:
             if path.exists() and not args.overwrite:
                 try:
                     done = load_result(path)
-                    if done["layers_requested"] == layers and done["model"]["checkpoint_sha256"] == backbone.sha256:
+                    if _same_run(done, layers, backbone, cfg, args):
                         console.print(f"[dim]{name}: result exists at {path}, skipped (use --overwrite to redo)[/]")
                         written.append(done)
                         continue
@@ -162,6 +204,7 @@ def cli_run(args) -> int:
             out = task.run(ctx)
             result = build_result(backbone, task, cfg, out, data_root, layers, device,
                                   {"total": time.perf_counter() - t0, "model_load": load_s})
+            result["extra"] = {**result.get("extra", {}), "quick": bool(args.quick)}  # for _same_run
             write_result_atomic(path, result)
             written.append(result)
             _print_table(result, console)
@@ -171,6 +214,15 @@ def cli_run(args) -> int:
             tmp_cache.cleanup()
     _write_plots(written, out_dir / _safe(backbone.name), console)
     return 0
+
+
+def _same_run(done: dict, layers: list[int], backbone, cfg: dict, args) -> bool:
+    """Whether an existing result file answers this command: same checkpoint, layers, resolved
+    task config and --quick (then a re-run skips it; anything else is recomputed)."""
+    return (done["layers_requested"] == layers
+            and done["model"]["checkpoint_sha256"] == backbone.sha256
+            and done.get("config") == json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}))
+            and done.get("extra", {}).get("quick", False) == bool(args.quick))
 
 
 def _safe(name: str) -> str:

@@ -296,10 +296,9 @@ def print_report(report: CheckReport, console: Console) -> None:
     console.print(f"[bold]{report.format}[/bold] dataset at {report.root}")
     splits = report.summary.get("splits", {})
     if splits:
-        keys = list(dict.fromkeys(k for s in splits.values() for k in s))
-        table = Table("split", *keys)
-        for split, facts in splits.items():
-            table.add_row(split, *(str(facts.get(k, "")) for k in keys))
+        table = Table("", *splits)  # one column per split: a few splits, many facts
+        for key in dict.fromkeys(k for facts in splits.values() for k in facts):
+            table.add_row(key, *(str(facts.get(key, "")) for facts in splits.values()))
         console.print(table)
     for key, value in report.summary.items():
         if key != "splits":

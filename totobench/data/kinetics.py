@@ -23,6 +23,7 @@ from pathlib import Path
 
 import av
 import torch
+from rich.progress import track
 
 from totobench.data.fingerprint import dataset_fingerprint
 from totobench.data.video import VideoInfo, read_frames, video_info
@@ -157,19 +158,25 @@ class KineticsIndex:
     """The labelled videos of one Kinetics split, found in any of the supported layouts.
 
     `classes`: sorted labels (of the train split when it is there); `videos`: [(path, label
-    index)] of the usable videos (label -1 in test files); `skipped`: {reason: [path or
-    file:line]} for reasons missing, unreadable, too_short, unknown_label, bad_row;
+    index)] of the usable videos (label -1 in test files); `skipped`: {reason: [path]} for
+    missing, unreadable, too_short, and unknown_label ("<csv>: <video file> label '<label>'"),
+    bad_row ("<csv>:<line>");
     `info`: {path: VideoInfo} when `probe` (each header opened: catches unreadable files).
     Raises DataError only when the split itself cannot be found or its CSV lacks a column.
     """
 
     def __init__(self, root: str | os.PathLike, split: str = "train", probe: bool = True, min_frames: int = 1):
         self.root = Path(root)
+        # `root` may also be the annotation file itself: videos are then looked for beside it,
+        # or beside its annotations/ folder.
+        self.base = self.root if self.root.is_dir() else self.root.parent
+        if not self.root.is_dir() and self.base.name == "annotations":
+            self.base = self.base.parent
         self.split = split
         self.skipped: dict[str, list[str]] = {}
         self.info: dict[str, VideoInfo] = {}
         self.annotation_file = find_annotation_file(self.root, split)
-        folders = video_folders(self.root, split) if self.root.is_dir() else []
+        folders = video_folders(self.base, split)
         if self.annotation_file is not None and is_kinetics_csv(self.annotation_file):
             self.layout = "csv"
             entries = self._from_csv(folders)
@@ -188,12 +195,16 @@ class KineticsIndex:
         self.skipped.setdefault(reason, []).append(str(path))
 
     def _train_labels(self) -> list[str] | None:
-        """Sorted labels of the train CSV, or None when this is train or there is no train CSV."""
-        train = find_annotation_file(self.root, "train") if self.root.is_dir() else None
-        if self.split in split_aliases("train") or train is None or not is_kinetics_csv(train):
+        """Labels of the train annotation file (CSV or list), or None when this is the train
+        split or there is no train file: the train labels define the class index."""
+        train = find_annotation_file(self.base, "train")
+        if self.split in split_aliases("train") or train is None or train == self.annotation_file:
             return None
-        rows, _ = read_kinetics_csv(train)
-        return sorted({r["label"] for r in rows if r["label"] is not None}) or None
+        if is_kinetics_csv(train):
+            labels = [r["label"] for r in read_kinetics_csv(train)[0]]
+        else:
+            labels = [label for _, label in read_path_label_list(train)]
+        return sorted({label for label in labels if label is not None}) or None
 
     def _from_csv(self, folders: list[Path]) -> list[tuple[str, int]]:
         rows, bad = read_kinetics_csv(self.annotation_file)
@@ -201,9 +212,9 @@ class KineticsIndex:
             self._skip("bad_row", where)
         self.classes = self._train_labels() or sorted({r["label"] for r in rows if r["label"] is not None})
         class_to_idx = {label: i for i, label in enumerate(self.classes)}
-        files = index_video_files(folders or [self.root])
+        files = index_video_files(folders or [self.base])
         # Where a missing video would be: the split folder, or its class folder if it has them.
-        folder = folders[0] if folders else self.root / self.split
+        folder = folders[0] if folders else self.base / self.split
         class_folders = folder.is_dir() and any(p.is_dir() for p in folder.iterdir())
         entries = []
         for row in rows:
@@ -222,40 +233,38 @@ class KineticsIndex:
 
     def _from_list(self) -> list[tuple[str, int]]:
         raw = read_path_label_list(self.annotation_file)
-        labels = [label for _, label in raw if label is not None]
-        integer = all(label.lstrip("-").isdigit() for label in labels)
-        if integer:
-            # pytorchvideo lists hold class indices already; names are the indices.
-            top = max((int(label) for label in labels), default=-1)
+        labels = {label for _, label in raw if label is not None and label != "-1"}
+        known = self._train_labels() or sorted(labels)
+        if all(label.isdigit() for label in labels | set(known)):
+            # pytorchvideo lists hold class indices already: the names are the indices.
+            top = max(int(label) for label in labels | set(known)) if labels or known else -1
             self.classes = [str(i) for i in range(top + 1)]
+            raw = [(video, None if label is None else str(int(label))) for video, label in raw]
         else:
-            self.classes = sorted(set(labels))
+            self.classes = known
         class_to_idx = {label: i for i, label in enumerate(self.classes)}
         entries = []
         for video, label in raw:
             path = self._resolve_listed(video)
-            if label is None or label == "-1":
-                index = -1
-            else:
-                index = class_to_idx[str(int(label))] if integer else class_to_idx[label]
-            if path is None:
+            if label is not None and label != "-1" and label not in class_to_idx:
+                self._skip("unknown_label", f"{self.annotation_file}: {video} label {label!r}")
+            elif path is None:
                 self._skip("missing", video)
             else:
-                entries.append((path, index))
+                entries.append((path, -1 if label in (None, "-1") else class_to_idx[label]))
         return entries
 
     def _resolve_listed(self, video: str) -> str | None:
         if os.path.isabs(video):
             return video if os.path.isfile(video) else None
-        bases = [self.annotation_file.parent, self.root if self.root.is_dir() else self.root.parent,
-                 self.root / self.split]
+        bases = [self.annotation_file.parent, self.base, self.base / self.split]
         for base in bases:
             if (base / video).is_file():
                 return str(base / video)
         return None
 
     def _from_tree(self, folders: list[Path]) -> list[tuple[str, int]]:
-        train_folders = video_folders(self.root, "train")
+        train_folders = video_folders(self.base, "train")
         source = train_folders[0] if train_folders else folders[0]
         self.classes = sorted(p.name for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
         class_to_idx = {label: i for i, label in enumerate(self.classes)}
@@ -274,7 +283,8 @@ class KineticsIndex:
         if not probe:
             return entries
         usable = []
-        for path, label in entries:
+        for path, label in track(entries, description=f"kinetics {self.split}: opening videos",
+                                 transient=True, disable=len(entries) < 1000):
             try:
                 info = video_info(path)
             except DataError:
@@ -293,9 +303,8 @@ class KineticsIndex:
 
     def fingerprint(self) -> str:
         """Hash of relative paths and sizes of the usable videos and the annotation file."""
-        extra = [self.annotation_file] if self.annotation_file is not None and self.root.is_dir() else []
-        root = self.root if self.root.is_dir() else self.root.parent
-        return dataset_fingerprint(root, [p for p, _ in self.videos] + extra)
+        extra = [self.annotation_file] if self.annotation_file is not None else []
+        return dataset_fingerprint(self.base, [p for p, _ in self.videos] + extra)
 
     def pytorchvideo_paths(self) -> LabeledVideoPaths:
         """The usable videos as pytorchvideo's LabeledVideoPaths (for its LabeledVideoDataset)."""

@@ -68,7 +68,7 @@ DAVIS_SHAPE = (96, 128)
 PRETRAIN_IMAGE_SIZE, PRETRAIN_VIDEO_SHAPE, PRETRAIN_FRAMES, PRETRAIN_FPS = 80, (96, 96), 32, 8
 
 # Bump a root's version when its content changes: existing worlds regenerate that root only.
-ROOT_VERSIONS = {"pretrain": 1, "imagenet": 1, "kinetics400": 1, "ego4d": 1, "davis": 1}
+ROOT_VERSIONS = {"pretrain": 1, "imagenet": 1, "kinetics400": 1, "ego4d": 1, "davis": 2}
 MANIFEST = "world.json"
 JPEG_QUALITY = 90
 
@@ -281,7 +281,7 @@ def _davis_sequences(root: Path, seed: int, split: str, items: list[tuple[int, s
     palette = voc_palette()
     for i, name in items:
         frames, masks = scenes.object_sequence(stream_rng(seed, f"davis/{split}", i), h, w, num_frames,
-                                               part_of(split))
+                                               part_of(split), quick_return=True)
         images, annotations = root / "JPEGImages" / "480p" / name, root / "Annotations" / "480p" / name
         images.mkdir(parents=True)
         annotations.mkdir(parents=True)
@@ -375,8 +375,8 @@ def synth(out: Path, seed: int = 0, size: str = "default", roots: list[str] | No
 def _write_root(out: Path, root: str, seed: int, size: WorldSize, pool) -> None:
     from rich.progress import Progress
 
+    _remove_abandoned(out, root)
     tmp = out / f".{root}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     jobs, finish = PLANS[root](tmp, seed, size)
     results = []
@@ -392,6 +392,14 @@ def _write_root(out: Path, root: str, seed: int, size: WorldSize, pool) -> None:
         os.replace(final, stale)
         shutil.rmtree(stale)
     os.replace(tmp, final)
+
+
+def _remove_abandoned(out: Path, root: str) -> None:
+    """Delete temporary folders of `root` left by generator processes that no longer run."""
+    for tmp in out.glob(f".{root}.*-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

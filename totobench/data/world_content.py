@@ -9,6 +9,7 @@ All randomness comes from the numpy Generator passed in, so a scene is a pure fu
 
 from __future__ import annotations
 
+import colorsys
 import importlib.util
 import zlib
 from dataclasses import dataclass
@@ -112,6 +113,18 @@ def random_colour(rng: np.random.Generator, avoid: np.ndarray | None = None, min
     return c
 
 
+def hue_colour(rng: np.random.Generator, hue: float, avoid: np.ndarray | None = None,
+               min_dist: float = 0.3) -> np.ndarray:
+    """A saturated, bright RGB colour within a few degrees of `hue` (in [0, 1)), far from `avoid`
+    when possible."""
+    for _ in range(20):
+        c = np.array(colorsys.hsv_to_rgb((hue + rng.normal(0, 0.03)) % 1, rng.uniform(0.6, 1), rng.uniform(0.6, 1)),
+                     np.float32)
+        if avoid is None or np.linalg.norm(c - avoid) >= min_dist:
+            break
+    return c
+
+
 @dataclass
 class Sprite:
     """A coloured sprite on its own 32x32 canvas: RGB (defined everywhere, so edges do not bleed) and alpha."""
@@ -126,9 +139,11 @@ class Sprite:
         return self._image
 
     @staticmethod
-    def coloured(alpha: np.ndarray, rng: np.random.Generator, avoid: np.ndarray | None = None) -> "Sprite":
-        """Paint `alpha` with a linear gradient between two colours far from `avoid` (the background)."""
-        c1 = random_colour(rng, avoid)
+    def coloured(alpha: np.ndarray, rng: np.random.Generator, avoid: np.ndarray | None = None,
+                 hue: float | None = None) -> "Sprite":
+        """Paint `alpha` with a linear gradient between two colours far from `avoid` (the background);
+        the first colour is random, or near `hue` when given."""
+        c1 = random_colour(rng, avoid) if hue is None else hue_colour(rng, hue, avoid)
         c2 = np.clip(c1 + rng.normal(0, 0.25, 3), 0, 1).astype(np.float32)
         a = rng.uniform(0, 2 * np.pi)
         g = np.linspace(-1, 1, CANVAS, dtype=np.float32)

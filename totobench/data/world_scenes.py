@@ -23,11 +23,18 @@ _DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 OBJECT_CLASS_NAMES = tuple(f"{n}, digit {n}" for n in _DIGIT_NAMES) + SHAPES
 # Shaped like WordNet ids (n + 8 digits), increasing, so sorted wnids follow OBJECT_CLASSES.
 OBJECT_WNIDS = tuple(f"n{3100000 + 1371 * i:08d}" for i in range(len(OBJECT_CLASSES)))
+# Hue of each class's objects in ImageNet-like images, spread so that neighbouring classes differ.
+OBJECT_CLASS_HUES = tuple(((5 * i) % len(OBJECT_CLASSES)) / len(OBJECT_CLASSES) for i in range(len(OBJECT_CLASSES)))
 
 
-def object_image(rng: np.random.Generator, kind: str, h: int, w: int, part: str) -> np.ndarray:
+def object_image(rng: np.random.Generator, kind: str, h: int, w: int, part: str,
+                 class_hue: float | None = None) -> np.ndarray:
     """uint8 [h, w, 3]: one object of class `kind` at a random place, scale, colour and tilt over a
-    textured background, with a little clutter. The object stays inside the central square."""
+    textured background, with a little clutter. The object stays inside the central square.
+
+    With `class_hue` the image is "photographed": the object is framed near the centre and coloured
+    near its class's hue, the kind of placement and colour bias of real photo datasets.
+    """
     background = texture(rng, h, w, grain=0.02)
     avoid, image = background.mean(axis=(0, 1)), to_image(background)
     for _ in range(int(rng.integers(0, 3))):  # clutter: small dots and bars, far smaller than objects
@@ -37,10 +44,15 @@ def object_image(rng: np.random.Generator, kind: str, h: int, w: int, part: str)
     m = min(h, w)
     size = rng.uniform(0.45, 0.8) * m
     margin = 0.38 * size
-    cx = rng.uniform((w - m) / 2 + margin, (w + m) / 2 - margin)
-    cy = rng.uniform((h - m) / 2 + margin, (h + m) / 2 - margin)
+    x_range = ((w - m) / 2 + margin, (w + m) / 2 - margin)
+    y_range = ((h - m) / 2 + margin, (h + m) / 2 - margin)
+    if class_hue is None:
+        cx, cy = rng.uniform(*x_range), rng.uniform(*y_range)
+    else:
+        cx = float(np.clip(w / 2 + rng.normal(0, 0.08 * m), *x_range))
+        cy = float(np.clip(h / 2 + rng.normal(0, 0.08 * m), *y_range))
     angle = rng.uniform(-20, 20) if kind in DIGITS else rng.uniform(0, 360)
-    paste(image, Sprite.coloured(sprite_alpha(kind, rng, part), rng, avoid),
+    paste(image, Sprite.coloured(sprite_alpha(kind, rng, part), rng, avoid, hue=class_hue),
           Pose(cx, cy, size, angle, rng.uniform(0.85, 1.18)))
     return np.asarray(image)
 
@@ -117,11 +129,13 @@ def action_clip(rng: np.random.Generator, action: str, h: int, w: int, num_frame
 # ----------------------------------------------------------------------------- multi-object sequences
 
 def object_sequence(rng: np.random.Generator, h: int, w: int, num_frames: int, part: str,
-                    max_objects: int = 4) -> tuple[np.ndarray, np.ndarray]:
+                    max_objects: int = 4, quick_return: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A DAVIS-like sequence: frames uint8 [T, h, w, 3] and instance masks uint8 [T, h, w].
 
     2..max_objects sprites (ids 1..K, all visible in frame 0) drift, turn and bounce while the camera
     pans; they occlude each other, and the first one usually leaves the frame and comes back.
+    `quick_return` makes the leaving object head out faster from nearer the edge, so that it is back
+    within ~20 frames (DAVIS sequences); otherwise it may stay out until the end.
     """
     pad = 16
     backdrop = texture(rng, h + 2 * pad, w + 2 * pad)
@@ -130,7 +144,7 @@ def object_sequence(rng: np.random.Generator, h: int, w: int, num_frames: int, p
     k = int(rng.integers(2, max_objects + 1))
     for _ in range(50):  # until every object shows in frame 0 (DAVIS counts objects there)
         objects = [_moving_object(rng, h, w, num_frames, part, leaves=(i == 0 and rng.random() < 0.8),
-                                  avoid=avoid) for i in range(k)]
+                                  avoid=avoid, quick_return=quick_return) for i in range(k)]
         _, ids = _draw(backdrop.crop((pad, pad, pad + w, pad + h)), objects, 0)
         if all((ids == i + 1).sum() >= 30 for i in range(k)):
             break
@@ -150,23 +164,24 @@ class _MovingObject:
     depth: float  # drawing order: larger is nearer the camera
 
 
-def _moving_object(rng, h, w, num_frames, part, leaves, avoid) -> _MovingObject:
+def _moving_object(rng, h, w, num_frames, part, leaves, avoid, quick_return) -> _MovingObject:
     size = rng.uniform(0.3, 0.5) * h
     kind = str(rng.choice(DIGITS + SHAPES))
     sprite = Sprite.coloured(sprite_alpha(kind, rng, part), rng, avoid)
     if leaves:  # start near an edge, head out fast; walls beyond the frame send it back in
         along_x = rng.random() < 0.6
         extent = w if along_x else h
-        pos = extent - rng.uniform(0.55, 1.1) * size
-        speed = rng.uniform(3.0, 5.0)
-        lo, hi = 0.45 * size, extent + 0.9 * size
+        near, far, slow, fast, beyond = (0.5, 0.8, 4.0, 6.0, 0.7) if quick_return else (0.55, 1.1, 3.0, 5.0, 0.9)
+        pos = extent - rng.uniform(near, far) * size
+        speed = rng.uniform(slow, fast)
+        lo, hi = 0.45 * size, extent + beyond * size
         other = rng.uniform(0.45 * size, (h if along_x else w) - 0.45 * size)
         x, y = (pos, other) if along_x else (other, pos)
         vx, vy = (speed, rng.uniform(-0.5, 0.5)) if along_x else (rng.uniform(-0.5, 0.5), speed)
         if rng.random() < 0.5:  # mirror: leave through the left/top edge instead
             x, vx = (w - x, -vx) if along_x else (x, vx)
             y, vy = (y, vy) if along_x else (h - y, -vy)
-            lo, hi = -0.9 * size, extent - 0.45 * size
+            lo, hi = -beyond * size, extent - 0.45 * size
         walls_x = (lo, hi) if along_x else (0.45 * size, w - 0.45 * size)
         walls_y = (0.45 * size, h - 0.45 * size) if along_x else (lo, hi)
     else:

@@ -4,20 +4,62 @@ A key is the sha256 of everything the features depend on: checkpoint sha256, lay
 transform, dataset fingerprint, split/subset and the extraction code version. Each shard is
 written to a temporary file, hashed, then renamed next to a small JSON record of its shape and
 sha256; a reader checks both and treats any mismatch (a truncated or corrupt shard) as a miss,
-so a shard is either complete or absent and never read half-written.
+so a shard is either complete or absent and never read half-written. A temporary file is
+allocated in full when created, so a full disk fails there with CacheWriteError (and the file
+is removed) instead of killing the process with SIGBUS when a memory-mapped page is written.
+Temporary names carry the host and pid of their writer; `remove_stale_temp` deletes those of
+writers that died (e.g. a run killed with SIGKILL).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from totobench.errors import TotobenchError
+
 FEATURE_CODE_VERSION = "1"  # bump when extraction or pooling changes what a key's bytes mean
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class CacheWriteError(TotobenchError):
+    """The feature cache folder cannot take a write: the disk is full, or it is read-only."""
+
+
+def write_error(err: OSError, root: Path) -> CacheWriteError:
+    """One line for an OSError raised while writing features under `root`."""
+    if err.errno in DISK_FULL:
+        return CacheWriteError(f"disk full while writing features to {root} (free some space or set "
+                               f"$TOTOBENCH_HOME to a larger disk)")
+    return CacheWriteError(f"cannot write features to {root} ({err.strerror or err})")
+
+
+def _host_tag() -> str:
+    return socket.gethostname().replace(".", "_").replace("-", "_") or "host"
+
+
+def temp_name(final: Path) -> Path:
+    """`.<name>.<host>-<pid>.tmp` next to `final`: private to this process, recognisable when stale."""
+    return final.with_name(f".{final.name}.{_host_tag()}-{os.getpid()}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -40,30 +82,55 @@ class ShardWriter:
 
     def __init__(self, final: Path, shape: tuple[int, ...], dtype=np.float16):
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+        self.tmp = temp_name(final)
+        try:
+            self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
+            with open(self.tmp, "rb+") as f:  # reserve the blocks now: ENOSPC here, not SIGBUS later
+                _preallocate(f.fileno(), os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            self.abort()
+            raise write_error(err, final.parent) from None
 
     def write(self, start: int, values: np.ndarray) -> None:
         self.array[start:start + len(values)] = values
 
     def commit(self) -> np.ndarray:
-        self.array.flush()
-        shape, dtype = list(self.array.shape), str(self.array.dtype)
-        del self.array
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        record = {"shape": shape, "dtype": dtype, "sha256": _file_sha256(self.tmp),
-                  "bytes": self.tmp.stat().st_size}
-        meta_tmp = self.final.with_suffix(".json.tmp")
-        meta_tmp.write_text(json.dumps(record))
-        os.replace(self.tmp, self.final)
-        os.replace(meta_tmp, self.final.with_suffix(".json"))
+        """Flush, fsync, hash, then rename the shard and its record into place; the shard as
+        a read-only memmap. Raises CacheWriteError (temp files removed) when a write fails."""
+        meta_tmp = temp_name(self.final.with_suffix(".json"))
+        try:
+            self.array.flush()
+            shape, dtype = list(self.array.shape), str(self.array.dtype)
+            del self.array
+            with open(self.tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            record = {"shape": shape, "dtype": dtype, "sha256": _file_sha256(self.tmp),
+                      "bytes": self.tmp.stat().st_size}
+            meta_tmp.write_text(json.dumps(record))
+            # the record is renamed last: a shard without a matching record is a miss
+            os.replace(self.tmp, self.final)
+            os.replace(meta_tmp, self.final.with_suffix(".json"))
+        except OSError as err:
+            meta_tmp.unlink(missing_ok=True)
+            self.abort()
+            raise write_error(err, self.final.parent) from None
         return np.load(self.final, mmap_mode="r")
 
     def abort(self) -> None:
+        """Drop the temporary file (idempotent)."""
         if hasattr(self, "array"):
             del self.array
         self.tmp.unlink(missing_ok=True)
+
+
+def _preallocate(fd: int, size: int) -> None:
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return  # file systems without fallocate: a full disk shows up on write instead
+            raise
 
 
 class FeatureCache:
@@ -98,8 +165,32 @@ class FeatureCache:
         return array
 
     def writer(self, key: str, shape: tuple[int, ...], dtype=np.float16) -> ShardWriter:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """A ShardWriter for `key`. Raises CacheWriteError when the folder cannot take it."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(err, self.root) from None
         return ShardWriter(self.path(key), shape, dtype)
+
+    def delete(self, key: str) -> None:
+        """Remove an entry (shard, record and JSON record), if present."""
+        path = self.path(key)
+        for p in (path.with_suffix(".json"), path, self.root / f"{key}.record.json"):
+            p.unlink(missing_ok=True)
+
+    def remove_stale_temp(self) -> list[Path]:
+        """Delete temporary files left by dead writers of this host (a killed run); returns them."""
+        removed = []
+        host = _host_tag()
+        if not self.root.is_dir():
+            return removed
+        for p in self.root.glob(".*.tmp"):
+            tag = p.name[:-len(".tmp")].rsplit(".", 1)[-1]
+            who, _, pid = tag.rpartition("-")
+            if who == host and pid.isdigit() and not _pid_alive(int(pid)):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
 
     def load_json(self, key: str):
         """A small JSON record saved with `save_json`, or None."""
@@ -111,14 +202,23 @@ class FeatureCache:
             return None
 
     def save_json(self, key: str, obj) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Write a small JSON record atomically. Raises CacheWriteError when it cannot."""
         final = self.root / f"{key}.record.json"
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, final)
+        tmp = temp_name(final)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(obj))
+            os.replace(tmp, final)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise write_error(err, self.root) from None
 
     def save(self, key: str, values: np.ndarray) -> np.ndarray:
         """Write a whole (small) array, e.g. labels, atomically; returns the memmap."""
         w = self.writer(key, values.shape, values.dtype)
-        w.write(0, values)
+        try:
+            w.write(0, values)
+        except BaseException:
+            w.abort()
+            raise
         return w.commit()

@@ -9,7 +9,10 @@ dataset grows and a second run with the same key never touches the backbone.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -19,7 +22,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from torch.utils.data import DataLoader, Dataset
 
-from totobench.features.cache import FeatureCache, cache_key
+from totobench.errors import TotobenchError
+from totobench.features.cache import DISK_FULL, FeatureCache, cache_key, write_error
 
 
 def progress_bar(console: Console | None = None) -> Progress:
@@ -125,8 +129,19 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
     layers whose shard is missing are recomputed, in one pass that stops after the deepest of
     them. `key_parts` must identify the dataset split and transform; the checkpoint sha256,
     pooling and layer are added here.
+
+    The pass runs in chunks of whole batches, each committed to the cache as it completes, so a
+    killed run resumes at the first missing chunk. Under torchrun the chunks are shared out
+    among the ranks (see totobench.features.distributed) and assembled here by dataset index.
+    Raises CacheWriteError (one line, temporary files removed) when the disk fills up.
     """
     device = torch.device(device)
+    if cache is None or not cache.enabled:  # no cache wanted: chunks still go through a private folder
+        with tempfile.TemporaryDirectory(prefix="totobench-features-") as tmp:
+            return extract_features(backbone, dataset, layers, kind=kind, pooling=pooling,
+                                    cache=FeatureCache(Path(tmp)), key_parts=key_parts,
+                                    batch_size=batch_size, num_workers=num_workers, device=device,
+                                    console=console, desc=desc)  # memmaps outlive the unlinked files
     base = dict(key_parts, checkpoint=backbone.sha256, pooling=pooling)
     keys = {layer: cache_key(**base, layer=layer) for layer in layers}
     meta_key = cache_key(**base, what="labels-groups")
@@ -139,37 +154,189 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
         return LayerFeatures(feats, meta[:, 0], meta[:, 1], from_cache=True,
                              skipped=[tuple(s) for s in skipped_record])
 
-    n = len(dataset)
-    writers = {}
-    meta_buf = np.full((n, 2), -1, dtype=np.int64)
-    skipped: list[tuple[str, str]] = []
+    from totobench.features import distributed
+    rank_info = distributed.info()
     items = dataset if _yields_dicts(dataset) else Indexed(dataset)
-    loader = make_loader(items, batch_size, num_workers)
+    n = len(items)
+    shared = rank_info.active and distributed.picklable(items)
+    world = rank_info.world_size if shared else 1
+    job = {"op": "extract", "items": items, "layers": missing, "kind": kind, "pooling": pooling,
+           "base": base, "chunks": plan_chunks(n, batch_size, world), "batch_size": batch_size,
+           "num_workers": num_workers, "cache_root": str(cache.root), "desc": desc}
+    cache.remove_stale_temp()
+    if shared:
+        distributed.send_job(job)
+    try:
+        report = run_extraction_job(backbone, job, device, rank=0, world_size=world, console=console)
+    except Exception as err:  # noqa: BLE001 - the other ranks must still reach the gather
+        if not shared:
+            raise
+        distributed.gather_objects({"error": str(err), "user_error": isinstance(err, TotobenchError)})
+        raise
+    reports = distributed.gather_objects(report) if shared else [report]
+    for r in reports:
+        if "error" in r:  # a rank > 0 failed: its message, as a user error if it was one
+            raise (TotobenchError if r.get("user_error") else RuntimeError)(r["error"])
+    reused = sum(r["reused"] for r in reports)
+    if console is not None and shared:
+        console.print(f"[dim]{desc}: chunks computed per rank {[r['computed'] for r in reports]}[/]")
+    if console is not None and reused:
+        console.print(f"[dim]{desc}: resumed, {reused} of {len(job['chunks'])} chunks were already in the cache[/]")
+    return _assemble(cache, job, keys, meta_key, feats, n, backbone.dim)
+
+
+def plan_chunks(n: int, batch_size: int, world_size: int = 1) -> list[tuple[int, int]]:
+    """[(start, stop)] item ranges made of whole batches of `batch_size` (so every rank sees the
+    batches one process would), at most CHUNK_BATCHES batches each and enough chunks for
+    every rank to get one."""
+    num_batches = -(-n // batch_size)
+    per = max(1, min(chunk_batches(), -(-num_batches // max(1, world_size))))
+    return [(b * batch_size, min(n, (b + per) * batch_size)) for b in range(0, num_batches, per)]
+
+
+def chunk_batches() -> int:
+    """Batches per committed chunk ($TOTOBENCH_CHUNK_BATCHES, default 8): what a killed run loses at most."""
+    return max(1, int(os.environ.get("TOTOBENCH_CHUNK_BATCHES", "8")))
+
+
+def _chunk_keys(base: dict, layers: list[int], chunk: tuple[int, int]) -> tuple[dict[int, str], str]:
+    span = f"{chunk[0]}:{chunk[1]}"
+    return ({layer: cache_key(**base, layer=layer, chunk=span) for layer in layers},
+            cache_key(**base, what="labels-groups", chunk=span))
+
+
+def _chunk_done(cache: FeatureCache, base: dict, layers: list[int], chunk: tuple[int, int]) -> bool:
+    keys, meta_key = _chunk_keys(base, layers, chunk)
+    record = cache.load_json(meta_key)
+    if record is None or cache.load(meta_key) is None:
+        return False
+    return record.get("row_shape") is None or all(cache.load(k) is not None for k in keys.values())
+
+
+def run_extraction_job(backbone, job: dict, device: torch.device, *, rank: int = 0, world_size: int = 1,
+                       console: Console | None = None) -> dict:
+    """Extract this rank's chunks of a job (chunk i goes to rank i % world_size) into cache
+    entries, skipping chunks already there. Returns {"computed": k, "reused": k}."""
+    cache = FeatureCache(Path(job["cache_root"]))
+    base, layers, batch_size = job["base"], job["layers"], job["batch_size"]
+    mine = [c for i, c in enumerate(job["chunks"]) if i % world_size == rank]
+    todo = [c for c in mine if not _chunk_done(cache, base, layers, c)]
+    report = {"computed": len(todo), "reused": len(mine) - len(todo)}
+    if not todo:
+        return report
+    batches = [list(range(s, min(s + batch_size, stop))) for start, stop in todo
+               for s in range(start, stop, batch_size)]
+    loader = DataLoader(job["items"], batch_sampler=batches, num_workers=job["num_workers"],
+                        collate_fn=collate_indexed, pin_memory=False)
+    if rank > 0:
+        console = Console(quiet=True)  # one progress display: rank 0's
+    chunk_of = {s: c for c in todo for s in range(c[0], c[1], batch_size)}
+    state = None  # the chunk being filled: writers, labels/groups, skipped items
+    desc = job["desc"] if world_size == 1 else f"{job['desc']} (rank {rank})"
     try:
         with progress_bar(console) as progress:
-            job = progress.add_task(desc, total=n, rate="")
-            for tokens, batch in iterate_layer_tokens(backbone, loader, missing, kind, device):
-                index = batch["index"].numpy()
-                for layer in missing if tokens else []:
-                    pooled = pool_tokens(tokens[layer], pooling).to("cpu", torch.float16).numpy()
-                    if layer not in writers:
-                        writers[layer] = cache.writer(keys[layer], (n,) + pooled.shape[1:])
-                    writers[layer].array[index] = pooled
-                meta_buf[index, 0] = batch["label"].numpy()
-                meta_buf[index, 1] = batch["group"].numpy()
-                skipped.extend(batch["skipped"])
+            task = progress.add_task(desc, total=sum(stop - start for start, stop in todo), rate="")
+            tokens_iter = iterate_layer_tokens(backbone, loader, layers, job["kind"], device)
+            for batch_index, (tokens, batch) in zip(batches, tokens_iter):
+                chunk = chunk_of[batch_index[0]]
+                if state is None:
+                    state = _ChunkState(chunk)
+                state.add(cache, base, layers, tokens, batch, job["pooling"])
+                if batch_index[-1] == chunk[1] - 1:
+                    state.commit(cache, base, layers)
+                    state = None
                 speed = progress.tasks[0].speed
-                progress.update(job, advance=len(index) + len(batch["skipped"]),
-                                rate=f"{speed:.1f} items/s" if speed else "")
-        for layer in missing:
-            if layer not in writers:  # nothing decodable at all
-                writers[layer] = cache.writer(keys[layer], (n, backbone.dim))
+                progress.update(task, advance=len(batch_index), rate=f"{speed:.1f} items/s" if speed else "")
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise write_error(err, cache.root) from None
+        raise
+    finally:
+        if state is not None:
+            state.abort()
+    return report
+
+
+class _ChunkState:
+    """Rows of one chunk being extracted: per-layer shard writers (made at the first decodable
+    batch), labels/groups and skipped items; committed as cache entries once complete."""
+
+    def __init__(self, chunk: tuple[int, int]):
+        self.chunk = chunk
+        self.writers = {}
+        self.meta = np.full((chunk[1] - chunk[0], 2), -1, dtype=np.int64)
+        self.skipped: list = []
+        self.row_shape = None
+
+    def add(self, cache, base, layers, tokens, batch, pooling) -> None:
+        rows = batch["index"].numpy() - self.chunk[0]
+        for layer in layers if tokens else []:
+            pooled = pool_tokens(tokens[layer], pooling).to("cpu", torch.float16).numpy()
+            if layer not in self.writers:
+                keys, _ = _chunk_keys(base, layers, self.chunk)
+                self.row_shape = list(pooled.shape[1:])
+                self.writers[layer] = cache.writer(keys[layer], (len(self.meta),) + pooled.shape[1:])
+            self.writers[layer].array[rows] = pooled
+        self.meta[rows, 0] = batch["label"].numpy()
+        self.meta[rows, 1] = batch["group"].numpy()
+        self.skipped.extend(batch["skipped"])
+
+    def commit(self, cache, base, layers) -> None:
+        _, meta_key = _chunk_keys(base, layers, self.chunk)
+        for layer in list(self.writers):
+            self.writers.pop(layer).commit()
+        cache.save(meta_key, self.meta)
+        cache.save_json(meta_key, {"skipped": self.skipped, "row_shape": self.row_shape})  # the chunk's done-mark
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+
+
+def _assemble(cache: FeatureCache, job: dict, keys: dict[int, str], meta_key: str,
+              feats: dict, n: int, dim: int) -> LayerFeatures:
+    """Copy the chunks of a finished job, by dataset index, into one shard per layer plus the
+    labels/groups shard and the skipped record; then drop the chunk entries."""
+    base, layers = job["base"], job["layers"]
+    chunks = []
+    for chunk in job["chunks"]:
+        chunk_keys, chunk_meta_key = _chunk_keys(base, layers, chunk)
+        record, meta = cache.load_json(chunk_meta_key), cache.load(chunk_meta_key)
+        if record is None or meta is None:
+            raise RuntimeError(f"feature chunk {chunk} of {job['desc']} is missing from {cache.root} after extraction")
+        chunks.append((chunk, chunk_keys, chunk_meta_key, record, meta))
+    shapes = [tuple(record["row_shape"]) for _, _, _, record, _ in chunks if record["row_shape"] is not None]
+    row_shape = shapes[0] if shapes else (dim,)  # (dim,) when nothing at all could be decoded
+    writers = {}
+    meta_buf = np.full((n, 2), -1, dtype=np.int64)
+    skipped = []
+    try:
+        for layer in layers:
+            writers[layer] = cache.writer(keys[layer], (n,) + row_shape)
+        for (start, stop), chunk_keys, _, record, meta in chunks:
+            meta_buf[start:stop] = meta
+            skipped.extend(tuple(s) for s in record["skipped"])
+            if record["row_shape"] is None:
+                continue  # nothing decodable in this chunk: its rows stay zero, labels -1
+            for layer in layers:
+                rows = cache.load(chunk_keys[layer])
+                if rows is None:
+                    raise RuntimeError(f"feature chunk {(start, stop)} of layer {layer} is corrupt in {cache.root}")
+                writers[layer].array[start:stop] = rows
+        for layer in layers:
             feats[layer] = writers.pop(layer).commit()
+        meta = np.asarray(cache.save(meta_key, meta_buf))
+        cache.save_json(meta_key, [list(s) for s in skipped])
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise write_error(err, cache.root) from None
+        raise
     finally:
         for w in writers.values():
             w.abort()
-    meta = np.asarray(cache.save(meta_key, meta_buf))
-    cache.save_json(meta_key, skipped)
+    for _, chunk_keys, chunk_meta_key, _, _ in chunks:
+        for key in (*chunk_keys.values(), chunk_meta_key):
+            cache.delete(key)
     return LayerFeatures(feats, meta[:, 0], meta[:, 1], from_cache=False, skipped=skipped)
 
 

@@ -69,12 +69,26 @@ def disk(radius: int) -> np.ndarray:
 
 
 def dilate_disk(bmap: np.ndarray, radius: int) -> np.ndarray:
-    """Binary dilation of `bmap` by `disk(radius)`, computed as "Euclidean distance to the nearest
-    set pixel <= radius" (the same set, ~5x faster than ndimage.binary_dilation at radius 8)."""
+    """Binary dilation of `bmap` [H, W] by `disk(radius)` (pixels outside the image count as 0).
+
+    The disk is split into its rows: row dy is a horizontal segment of half-width
+    isqrt(r^2 - dy^2), so the dilation is an OR of shifted 1-d maximum filters (same result as
+    ndimage.binary_dilation with the disk, several times faster)."""
     bmap = _binary(bmap)
-    if not bmap.any():
-        return np.zeros_like(bmap)
-    return ndimage.distance_transform_edt(~bmap) <= radius
+    height = bmap.shape[0]
+    out = np.zeros_like(bmap)
+    widened = {}  # half-width -> horizontally dilated map
+    for dy in range(-min(radius, height - 1), min(radius, height - 1) + 1):
+        half = math.isqrt(radius * radius - dy * dy)
+        if half not in widened:
+            row = ndimage.maximum_filter1d(bmap.view(np.uint8), 2 * half + 1, axis=1, mode="constant")
+            widened[half] = row.view(bool)
+        row = widened[half]
+        if dy >= 0:
+            out[dy:] |= row[:height - dy]
+        else:
+            out[:dy] |= row[-dy:]
+    return out
 
 
 def boundary_radius(shape: tuple[int, int], bound_th: float = 0.008) -> int:
@@ -90,8 +104,8 @@ def boundary_f(mask: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None,
 
     Void pixels are cleared from both masks before taking boundaries. Precision = fraction of
     predicted boundary pixels within the dilation radius of a ground-truth boundary pixel, recall
-    the converse. Empty boundaries: both empty -> P = R = 1; only the prediction's -> P = 1, R = 0;
-    only the ground truth's -> P = 0, R = 1. F = 2PR / (P + R), 0 when P + R = 0.
+    the converse. Empty boundaries: both -> P = R = 1; the prediction's only -> P = 1, R = 0;
+    the ground truth's only -> P = 0, R = 1. F = 2PR / (P + R), 0 when P + R = 0.
     """
     mask, gt = _binary(mask), _binary(gt)
     if mask.shape != gt.shape:
@@ -109,11 +123,10 @@ def boundary_f(mask: np.ndarray, gt: np.ndarray, void: np.ndarray | None = None,
         precision, recall = 0.0, 1.0
     else:
         radius = boundary_radius(mask.shape, bound_th)
-        # only the box around both boundaries (+ radius) can hold a match: dilate that crop only
+        # every boundary pixel lies in the box around both boundaries: dilating that crop is enough
         rows = np.flatnonzero((fg_boundary | gt_boundary).any(axis=1))
         cols = np.flatnonzero((fg_boundary | gt_boundary).any(axis=0))
-        box = (slice(max(rows[0] - radius, 0), rows[-1] + radius + 1),
-               slice(max(cols[0] - radius, 0), cols[-1] + radius + 1))
+        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
         fg_crop, gt_crop = fg_boundary[box], gt_boundary[box]
         precision = np.count_nonzero(fg_crop & dilate_disk(gt_crop, radius)) / n_fg
         recall = np.count_nonzero(gt_crop & dilate_disk(fg_crop, radius)) / n_gt
@@ -235,10 +248,11 @@ def davis_sequences(davis_root: str | Path, split: str = "val") -> list[str]:
     return names
 
 
-def read_ground_truth(davis_root: str | Path, sequence: str) -> tuple[list[str], np.ndarray]:
-    """Frame names and index masks [N, H, W] of `Annotations/480p/<sequence>/*.png`, sorted by
-    name, 255 cleared to 0. Raises DataError on a missing folder or frames of different sizes."""
-    folder = Path(davis_root) / "Annotations" / "480p" / sequence
+def read_ground_truth(davis_root: str | Path, sequence: str,
+                      resolution: str = "480p") -> tuple[list[str], np.ndarray]:
+    """Frame names and index masks [N, H, W] of `Annotations/<resolution>/<sequence>/*.png`, sorted
+    by name, 255 cleared to 0. Raises DataError on a missing folder or frames of different sizes."""
+    folder = Path(davis_root) / "Annotations" / resolution / sequence
     files = sorted(folder.glob("*.png"))
     if not files:
         raise DataError(f"{folder}: no annotation PNGs for sequence '{sequence}'")
@@ -278,11 +292,11 @@ def read_results(results_dir: str | Path, sequence: str, frames: list[str],
 
 
 def evaluate_davis(davis_root: str | Path, results_dir: str | Path, split: str = "val", *,
-                   sequences: list[str] | None = None, bound_th: float = 0.008,
-                   show_progress: bool = False) -> dict:
+                   sequences: list[str] | None = None, resolution: str = "480p",
+                   bound_th: float = 0.008, show_progress: bool = False) -> dict:
     """Official semi-supervised DAVIS-2017 scores of a results folder.
 
-    davis_root holds `ImageSets/2017/<split>.txt` and `Annotations/480p/<seq>/<frame>.png`;
+    davis_root holds `ImageSets/2017/<split>.txt` and `Annotations/<resolution>/<seq>/<frame>.png`;
     results_dir holds `<seq>/<frame>.png` (indexed, same names and sizes). `sequences` restricts
     the split to these names. Returns {"J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean",
     "F-Recall", "F-Decay"} (fractions, means over all objects of all sequences) and "per_object":
@@ -298,9 +312,9 @@ def evaluate_davis(davis_root: str | Path, results_dir: str | Path, split: str =
         task = progress.add_task("DAVIS J&F", total=len(names))
     try:
         for sequence in names:
-            frames, gt_masks = read_ground_truth(davis_root, sequence)
+            frames, gt_masks = read_ground_truth(davis_root, sequence, resolution)
             if len(frames) < 3:
-                raise DataError(f"{Path(davis_root) / 'Annotations' / '480p' / sequence}: "
+                raise DataError(f"{Path(davis_root) / 'Annotations' / resolution / sequence}: "
                                 f"{len(frames)} annotated frames; at least 3 needed (the first "
                                 f"and last are not scored)")
             num_objects = int(gt_masks[0].max())

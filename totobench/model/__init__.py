@@ -6,7 +6,7 @@ that training code does not pull in the registry (and the tokenizer) it does not
 
 from totobench.model.toto import Toto, TotoConfig
 
-__all__ = ["Toto", "TotoConfig", "Backbone", "load_backbone"]
+__all__ = ["Toto", "TotoConfig", "Backbone", "load_backbone", "list_models"]
 
 
 def __getattr__(name):

@@ -54,8 +54,7 @@ DEFAULTS = {
     "model": {"preset": "toto-tiny"},
     "data": {"root": "world", "world_size": "default", "world_seed": 0, "heldout_fraction": 0.05,
              "sources": []},
-    "tokenizer": {"steps": 400, "batch_size": 64, "lr": 1e-3, "frames_per_video": 8,
-                  "max_train_frames": 20000, "heldout_frames": 512},
+    "tokenizer": {"steps": 400, "batch_size": 64, "lr": 1e-3, "heldout_frames": 512},
     "train": {"steps": 500, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4,
               "warmup_steps": 50, "weight_decay": 0.1, "grad_clip": 1.0, "checkpoint_every": 50,
               "log_every": 5, "max_minutes": None},
@@ -202,7 +201,7 @@ def list_sources(cfg: dict, root: Path) -> list[dict]:
 
 def to_square(frames: np.ndarray, resolution: int) -> torch.Tensor:
     """uint8 [T,H,W,3] -> float [T,3,res,res] in [0,1]: centre square crop, antialiased resize."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.array(frames, copy=True)).permute(0, 3, 1, 2).float() / 255
     h, w = x.shape[-2:]
     s = min(h, w)
     x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
@@ -233,24 +232,31 @@ def _as_u8(x: torch.Tensor) -> torch.Tensor:
     return (x * 255).round().to(torch.uint8)
 
 
-def tokenizer_frames(sources: list[dict], root: Path, split: str, resolution: int,
-                     per_video: int, limit: int, seed: int) -> torch.Tensor:
-    """uint8 [N,3,res,res]: all images and `per_video` evenly spaced frames of every video of
-    `split`, then a seeded subset of at most `limit` frames."""
-    frames = []
-    for src in sources:
-        for rel in src[split]:
-            if src["kind"] == "image":
-                frames.append(_as_u8(load_image(root / rel, resolution)))
-            else:
-                from totobench.data.video import video_info
-                n = video_info(root / rel).num_frames
-                idx = sorted(set(np.linspace(0, n - 1, min(per_video, n)).round().astype(int).tolist()))
-                frames.append(_as_u8(load_video(root / rel, resolution, idx)))
-    x = torch.cat(frames)
-    if len(x) > limit:
-        keep = np.random.default_rng([seed, 7]).choice(len(x), limit, replace=False)
-        x = x[torch.from_numpy(np.sort(keep))]
+def load_frames(sources: list[dict], root: Path, resolution: int, console) -> dict:
+    """Decode every file once: {(source index, split): (uint8 [F,3,res,res] frames of all its files
+    concatenated, int64 offsets [files + 1])}."""
+    pool, files = {}, [(i, split, rel) for i, src in enumerate(sources)
+                       for split in ("train", "heldout") for rel in src[split]]
+    with _progress(console) as progress:
+        task = progress.add_task("decode corpus", total=len(files), loss=float("nan"), speed="")
+        parts: dict[tuple, list] = {(i, split): [] for i in range(len(sources)) for split in ("train", "heldout")}
+        for i, split, rel in files:
+            load = load_image if sources[i]["kind"] == "image" else load_video
+            parts[(i, split)].append(_as_u8(load(root / rel, resolution)))
+            progress.update(task, advance=1)
+    for key, xs in parts.items():
+        offsets = np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
+        frames = torch.cat(xs) if xs else torch.zeros((0, 3, resolution, resolution), dtype=torch.uint8)
+        pool[key] = (frames, offsets)
+    return pool
+
+
+def pooled(frames: dict, split: str, limit: int | None = None, seed: int = 0) -> torch.Tensor:
+    """All frames of `split` over every source (uint8 [N,3,res,res]); a seeded subset of `limit`."""
+    x = torch.cat([f for (i, sp), (f, _) in sorted(frames.items()) if sp == split])
+    if limit is not None and len(x) > limit:
+        keep = np.sort(np.random.default_rng([seed, 7]).choice(len(x), limit, replace=False))
+        x = x[torch.from_numpy(keep)]
     return x
 
 
@@ -258,16 +264,14 @@ def tokenizer_frames(sources: list[dict], root: Path, split: str, resolution: in
 # stage 1: tokenizer
 
 
-def train_tokenizer(cfg: dict, mc: TotoConfig, sources: list[dict], root: Path, out: Path,
-                    console) -> dict:
-    """Train, evaluate and save the tokenizer to out/tokenizer/. Returns its facts."""
+def train_tokenizer(cfg: dict, mc: TotoConfig, frames: dict, out: Path, console) -> dict:
+    """Train on frames of the training files, evaluate on frames of the held-out files, save to
+    out/tokenizer/. Returns its facts."""
     tc = cfg["tokenizer"]
     seed = int(cfg["seed"])
     t0 = time.time()
-    train_x = tokenizer_frames(sources, root, "train", mc.resolution, tc["frames_per_video"],
-                               tc["max_train_frames"], seed)
-    held_x = tokenizer_frames(sources, root, "heldout", mc.resolution, tc["frames_per_video"],
-                              tc["heldout_frames"], seed)
+    train_x = pooled(frames, "train")
+    held_x = pooled(frames, "heldout", int(tc["heldout_frames"]), seed)
     torch.manual_seed(seed)
     tok = VisualTokenizer(tokenizer_cfg(cfg, mc))
     opt = torch.optim.Adam(tok.parameters(), lr=tc["lr"])
@@ -291,7 +295,7 @@ def train_tokenizer(cfg: dict, mc: TotoConfig, sources: list[dict], root: Path, 
             opt.step()
             restarts += out_step["restarts"]
             psnr = 10 * math.log10(1 / max(float(out_step["recon_mse"]), 1e-10))
-            progress.update(task, advance=1, loss=float(out_step["loss"]), speed=f"{psnr:.1f} dB")
+            progress.update(task, advance=1, loss=float(out_step["loss"].detach()), speed=f"{psnr:.1f} dB")
     tok.eval()
     facts = {
         "heldout": evaluate_tokenizer(tok, held_x.float() / 255),
@@ -309,28 +313,22 @@ def train_tokenizer(cfg: dict, mc: TotoConfig, sources: list[dict], root: Path, 
 
 
 @torch.no_grad()
-def tokenize_corpus(tok: VisualTokenizer, sources: list[dict], root: Path, resolution: int,
-                    path: Path, console) -> None:
-    """Encode every file once; write path (npz): per source and split, int16 ids [frames, h*w]
-    of all files concatenated and their frame offsets."""
+@torch.no_grad()
+def tokenize_corpus(tok: VisualTokenizer, frames: dict, path: Path, console) -> None:
+    """Encode every frame once; write path (npz): per source and split, int16 ids [frames, h*w]
+    of all its files concatenated ("<i>_<split>_ids") and their frame offsets ("<i>_<split>_offsets")."""
     arrays = {}
-    files = [(i, split, rel) for i, src in enumerate(sources) for split in ("train", "heldout")
-             for rel in src[split]]
-    chunks: dict[tuple, list] = {}
+    total = sum(len(f) for f, _ in frames.values())
     with _progress(console) as progress:
-        task = progress.add_task("tokenize corpus", total=len(files), loss=float("nan"), speed="")
-        for i, split, rel in files:
-            kind = sources[i]["kind"]
-            x = load_image(root / rel, resolution) if kind == "image" else load_video(root / rel, resolution)
-            ids = torch.cat([tok.encode(x[j:j + 256]) for j in range(0, len(x), 256)])
-            chunks.setdefault((i, split), []).append(ids.view(len(x), -1).to(torch.int16).numpy())
-            progress.update(task, advance=1)
-    for i, src in enumerate(sources):
-        for split in ("train", "heldout"):
-            parts = chunks.get((i, split), [])
-            lengths = [len(p) for p in parts]
-            arrays[f"{i}_{split}_ids"] = np.concatenate(parts) if parts else np.zeros((0, 1), np.int16)
-            arrays[f"{i}_{split}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        task = progress.add_task("tokenize corpus", total=total, loss=float("nan"), speed="")
+        for (i, split), (x, offsets) in sorted(frames.items()):
+            ids = []
+            for j in range(0, len(x), 256):
+                ids.append(tok.encode(x[j:j + 256].float() / 255).flatten(1).to(torch.int16))
+                progress.update(task, advance=len(ids[-1]))
+            n = tok.encode(torch.zeros(1, 3, x.shape[2], x.shape[3])).numel()
+            arrays[f"{i}_{split}_ids"] = torch.cat(ids).numpy() if ids else np.zeros((0, n), np.int16)
+            arrays[f"{i}_{split}_offsets"] = offsets
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
@@ -533,12 +531,16 @@ def pretrain(cfg: dict, out: Path, resume: bool = False, console=None, command: 
     facts = json.loads(facts_path.read_text()) if resume and facts_path.is_file() else {}
 
     # stage 1 + 2 on rank 0; the other ranks wait and then read the results
-    if dist.main:
+    if dist.main and ("tokenizer" not in facts or "tokens_file" not in facts
+                      or not (out / "tokenizer" / "model.safetensors").is_file()):
+        t0 = time.time()
+        if console:
+            console.print(f"{sum(len(s['train']) for s in sources)} training files, "
+                          f"{sum(len(s['heldout']) for s in sources)} held-out under {root}")
+        frames = load_frames(sources, root, mc.resolution, console)
+        facts["decode_wall_time_s"] = round(time.time() - t0, 1)
         if "tokenizer" not in facts or not (out / "tokenizer" / "model.safetensors").is_file():
-            if console:
-                console.print(f"[bold]tokenizer[/bold]: {sum(len(s['train']) for s in sources)} training files "
-                              f"under {root}")
-            facts["tokenizer"] = train_tokenizer(cfg, mc, sources, root, out, console)
+            facts["tokenizer"] = train_tokenizer(cfg, mc, frames, out, console)
             facts.pop("tokens_file", None)
             _atomic_json(facts_path, facts)
             if console:
@@ -548,7 +550,7 @@ def pretrain(cfg: dict, out: Path, resume: bool = False, console=None, command: 
         if "tokens_file" not in facts:
             tok = VisualTokenizer.load(out / "tokenizer")
             t0 = time.time()
-            tokenize_corpus(tok, sources, root, mc.resolution, state_dir / "tokens.npz", console)
+            tokenize_corpus(tok, frames, state_dir / "tokens.npz", console)
             facts["tokens_file"] = "tokens.npz"
             facts["tokenize_wall_time_s"] = round(time.time() - t0, 1)
             _atomic_json(facts_path, facts)
@@ -696,11 +698,13 @@ def pretrain(cfg: dict, out: Path, resume: bool = False, console=None, command: 
                 {"kind": s["kind"], "path": s["path"], "weight": s["weight"],
                  "train_files": len(s["train"]), "heldout_files": len(s["heldout"])} for s in sources]},
             "tokenizer": facts["tokenizer"],
+            "decode_wall_time_s": facts.get("decode_wall_time_s"),
             "tokenize_wall_time_s": facts.get("tokenize_wall_time_s"),
             "steps": step, "steps_planned": steps, "steps_in_config": int(t["steps"]),
             "tokens_seen": tokens_seen,
             "train_wall_time_s": round(elapsed, 1),
             "total_wall_time_s": round(elapsed + facts["tokenizer"]["wall_time_s"]
+                                       + (facts.get("decode_wall_time_s") or 0)
                                        + (facts.get("tokenize_wall_time_s") or 0), 1),
             "final_train_loss": float(rows[-1]["loss"]) if rows else None,
             "final_train_loss_mean_last5_logged": (sum(float(r["loss"]) for r in last) / len(last)) if last else None,

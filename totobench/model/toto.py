@@ -122,25 +122,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in fp32 like LLaMA, so low-precision inputs keep the same statistics
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight, as one fused kernel
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, base: float, device=None):
-    """cos, sin of shape [seq_len, head_dim] for positions 0..seq_len-1 (rotate-half layout)."""
+    """cos, signed sin of shape [seq_len, 1, head_dim] for positions 0..seq_len-1, in the rotate-half
+    layout: channel j (< hd/2) turns with channel j + hd/2 by angle pos * base^(-2j/hd).
+    The sin table carries the sign of the rotation (-sin for the first half, +sin for the second)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
+    return cos[:, None, :], sin[:, None, :]
 
 
 def apply_rope(x, cos, sin):
-    """x: [B, H, L, hd]; channel j is rotated together with channel j + hd/2."""
+    """x: [B, L, H, hd] -> x rotated: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) per channel pair."""
     x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x * cos + rotated * sin
+    return torch.addcmul(x * cos, torch.cat([x2, x1], dim=-1), sin)
 
 
 class Attention(nn.Module):
@@ -155,10 +155,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin):
         B, L, D = x.shape
-        q, k, v = (w(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)
-                   for w in (self.wq, self.wk, self.wv))
+        q, k, v = (w(x).view(B, L, self.n_heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        # rotate while [B, L, H, hd] is contiguous, then move heads forward for attention
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True)
         return self.wo(y.transpose(1, 2).reshape(B, L, D))
 
 

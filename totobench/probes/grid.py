@@ -34,6 +34,14 @@ def holdout_split(labels: torch.Tensor, fraction: float = 0.1, seed: int = 0) ->
     rank = torch.empty_like(by_class)
     rank[by_class] = torch.arange(len(labels)) - starts[shuffled[by_class]]
     take = torch.floor(counts.double() * fraction + 0.5).long()
+    # small classes round to 0: top up one item at a time (largest classes first, each keeping
+    # >= 1 item to fit) until the slice holds round(fraction * N) items, at least 1
+    target = max(1, int(len(labels) * fraction + 0.5))
+    for c in torch.argsort(counts, descending=True, stable=True).tolist() * 2:
+        if int(take.sum()) >= target:
+            break
+        if counts[c] - take[c] > 1:
+            take[c] += 1
     is_holdout = rank < take[shuffled]
     fit, holdout = order[~is_holdout].sort().values, order[is_holdout].sort().values
     if len(fit) == 0 or len(holdout) == 0:
@@ -92,16 +100,18 @@ class GridAdamW:
     def step(self, lr_scale: float = 1.0):
         self.steps += 1
         beta1, beta2 = self.betas
-        bias1, bias2 = 1 - beta1 ** self.steps, 1 - beta2 ** self.steps
+        # bias corrections folded into the step size and eps, as torch.optim.Adam does
+        step_size = lr_scale * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)
+        eps = self.eps * math.sqrt(1 - beta2 ** self.steps)
         for p, decay, m, v in zip(self.params, self.decay, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
-            lr = self._per_head(self.lr, p) * lr_scale
+            lr = self._per_head(self.lr, p)
             if decay:
-                p.mul_(1 - lr * self._per_head(self.weight_decay, p))
+                p.mul_(1 - lr_scale * lr * self._per_head(self.weight_decay, p))
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            p.sub_(lr * (m / bias1) / ((v / bias2).sqrt() + self.eps))
+            p.addcdiv_(m * (lr * step_size), v.sqrt().add_(eps), value=-1.0)
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "exp_avg": [t.clone() for t in self.exp_avg],

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from totobench.errors import ConfigError
-from totobench.metrics.classification import topk_correct
+from totobench.metrics.classification import topk_accuracy, topk_correct
 from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -96,17 +96,21 @@ def train_linear_heads(features: dict, labels: torch.Tensor, layers: list[int], 
 
 
 @torch.no_grad()
-def count_correct(heads: LinearHeads, features: dict, labels: torch.Tensor, layers: list[int],
-                  index: torch.Tensor, mean, std, ks=(1,), batch_size: int = 1024, device="cpu") -> dict[int, torch.Tensor]:
-    """{k: correct counts [layers, heads]} of every head on rows `index` (streamed)."""
-    counts = {k: torch.zeros(heads.weight.shape[:2], dtype=torch.long) for k in ks}
-    labels = labels.to(device)
+def predict(heads: LinearHeads, features: dict, layers: list[int], index: torch.Tensor, mean, std,
+            batch_size: int = 1024, device="cpu"):
+    """Yield (logits [layers, heads, B, C], rows) of every head over rows `index`, streamed."""
     for x, rows in _batches(features, layers, index, mean, std, batch_size, device):
-        logits = heads(x)
-        y = labels[rows.to(device)]
+        yield heads(x), rows
+
+
+def count_correct(heads: LinearHeads, features: dict, labels: torch.Tensor, layers: list[int],
+                  index: torch.Tensor, mean, std, ks=(1,), device="cpu") -> dict[int, torch.Tensor]:
+    """{k: correct counts [layers, heads]} of every head on rows `index`."""
+    counts = {k: torch.zeros(heads.weight.shape[:2], dtype=torch.long) for k in ks}
+    for logits, rows in predict(heads, features, layers, index, mean, std, device=device):
         for li in range(logits.shape[0]):
             for hi in range(logits.shape[1]):
-                for k, n in topk_correct(logits[li, hi], y, ks).items():
+                for k, n in topk_correct(logits[li, hi], labels[rows], ks).items():
                     counts[k][li, hi] += n
     return counts
 
@@ -114,7 +118,7 @@ def count_correct(heads: LinearHeads, features: dict, labels: torch.Tensor, laye
 def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labels: torch.Tensor,
                     num_classes: int, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, epochs: int = 50,
                     batch_size: int = 256, holdout: float = 0.1, refit: bool = True, seed: int = 0,
-                    device="cpu") -> dict[int, dict]:
+                    device="cpu", return_scores: bool = False) -> dict[int, dict]:
     """Linear probes for every layer x lr x wd; choose (lr, wd) per layer on a held-out slice of train.
 
     train: {layer: features [N, D]} (torch tensors or numpy arrays/memmaps, any float dtype; the
@@ -122,6 +126,7 @@ def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labe
     Returns {layer: {"metrics": {"top1", "top5"} on val (fractions), "best_hparams": {"lr", "wd"},
     "select_score": top-1 of the chosen head on the held-out slice}}. refit=True retrains the
     chosen head on all of train before reporting; False reports the head fitted without the slice.
+    return_scores=True adds "val_scores": logits [M, C] (fp32, CPU) of the reported head.
     Deterministic given seed. Raises ConfigError on an empty grid or bad settings.
     """
     _check_grid(lrs, wds, epochs, batch_size)
@@ -152,9 +157,17 @@ def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labe
             chosen.weight.copy_(heads.weight[torch.arange(len(layers)), best][:, None])
             chosen.bias.copy_(heads.bias[torch.arange(len(layers)), best][:, None])
         heads = chosen
-    val_counts = count_correct(heads, val, val_labels, layers, torch.arange(len(val_labels)), mean, std,
-                               ks=(1, 5), device=device)
-    return {layer: {"metrics": {f"top{k}": val_counts[k][li, 0].item() / len(val_labels) for k in (1, 5)},
-                    "best_hparams": {"lr": hparams[best[li]][0], "wd": hparams[best[li]][1]},
-                    "select_score": select[li, best[li]].item()}
-            for li, layer in enumerate(layers)}
+    out = {layer: {"best_hparams": {"lr": hparams[best[li]][0], "wd": hparams[best[li]][1]},
+                   "select_score": select[li, best[li]].item()} for li, layer in enumerate(layers)}
+    val_index = torch.arange(len(val_labels))
+    if return_scores:
+        scores = torch.cat([logits[:, 0].cpu() for logits, _ in predict(heads, val, layers, val_index, mean, std,
+                                                                         device=device)], dim=1)
+        for li, layer in enumerate(layers):
+            out[layer]["metrics"] = topk_accuracy(scores[li], val_labels, (1, 5))
+            out[layer]["val_scores"] = scores[li]
+    else:
+        counts = count_correct(heads, val, val_labels, layers, val_index, mean, std, ks=(1, 5), device=device)
+        for li, layer in enumerate(layers):
+            out[layer]["metrics"] = {f"top{k}": counts[k][li, 0].item() / len(val_labels) for k in (1, 5)}
+    return out

@@ -10,6 +10,7 @@ Hyper-parameters are chosen on a held-out slice of train; val is reported.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import defaultdict
 
@@ -108,21 +109,31 @@ def _subset_id(keep: list[int], n: int) -> str:
     return "all" if len(keep) == n else f"{len(keep)}:{digest}"
 
 
-def fit_probe(name: str, probe: dict, tr, va, num_classes: int, ctx: RunContext) -> list[LayerRow]:
-    """Train the probe `name` on cached train features of every layer, report on val."""
-    to_t = lambda feats: {l: torch.from_numpy(np.asarray(a, dtype=np.float32)) for l, a in feats.items()}
+def fit_probe(name: str, probe: dict, tr, va, num_classes: int, ctx: RunContext,
+              return_scores: bool = False) -> list[LayerRow]:
+    """Train the probe `name` on the cached train features of every layer, report on val.
+
+    Features stay memory-mapped; the probes read rows batch by batch. With `return_scores`
+    each row's `extra["val_scores"]` holds the reported head's val logits [M, C]."""
     ytr, yva = torch.from_numpy(np.array(tr.labels)), torch.from_numpy(np.array(va.labels))
-    opts = {k: v for k, v in probe.items()}
+    opts = dict(probe, seed=ctx.seed, return_scores=return_scores)
     if name == "linear":
-        from totobench.probes.linear import fit_linear_grid
-        out = fit_linear_grid(to_t(tr.feats), ytr, to_t(va.feats), yva, num_classes,
-                              seed=ctx.seed, device=ctx.device, **opts)
+        from totobench.probes.linear import fit_linear_grid as fit
+        opts["device"] = ctx.device
     elif name == "knn":
-        from totobench.probes.knn import fit_knn_layers
-        out = fit_knn_layers(to_t(tr.feats), ytr, to_t(va.feats), yva, num_classes, seed=ctx.seed, **opts)
+        from totobench.probes.knn import fit_knn_layers as fit
     else:
-        from totobench.probes.attentive import fit_attentive_grid
-        out = fit_attentive_grid(tr.feats, ytr, va.feats, yva, num_classes,
-                                 seed=ctx.seed, device=ctx.device, **opts)
+        from totobench.probes.attentive import fit_attentive_grid as fit
+        opts["device"] = ctx.device
+        # saved after every epoch so a killed run resumes; keyed so other settings never reuse it
+        run_id = hashlib.sha256(json.dumps([probe, ctx.backbone.sha256, ctx.layers, len(ytr), ctx.seed],
+                                           sort_keys=True, default=str).encode()).hexdigest()[:12]
+        opts["state_path"] = ctx.artifacts_dir / f"attentive_state_{run_id}.pt"
+        ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)
+    out = fit(tr.feats, ytr, va.feats, yva, num_classes, **opts)
+    if "state_path" in opts:
+        opts["state_path"].unlink(missing_ok=True)
     return [LayerRow(layer=l, metrics=r["metrics"], best_hparams=r.get("best_hparams", {}),
-                     select_score=r.get("select_score")) for l, r in sorted(out.items())]
+                     select_score=r.get("select_score"),
+                     extra={"val_scores": r["val_scores"]} if return_scores else {})
+            for l, r in sorted(out.items())]

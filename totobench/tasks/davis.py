@@ -88,7 +88,7 @@ class DavisLabelPropagation(Task):
         for layer in ctx.layers:
             scores = evaluate_davis(ctx.data_root, layer_dirs[layer], split, sequences=sequences)
             rows.append(LayerRow(layer=layer, metrics={k: scores[k] for k in REPORTED}))
-        protocol = {"probe": "label_propagation", "settings": params, "resolution": resolution,
+        protocol = {"probe": "label_propagation", "grid": {}, "settings": params, "resolution": resolution,
                     "selection_split": "none (no training)", "report_split": split, "seed": ctx.seed,
                     "num_sequences": len(sequences), "results_dirs": {str(l): str(p) for l, p in layer_dirs.items()}}
         return TaskOutput(per_layer=rows, protocol=protocol, dataset_fingerprint=data.fingerprint(),

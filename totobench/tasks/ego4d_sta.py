@@ -115,10 +115,12 @@ class Ego4dSta(Task):
             out = ctx.artifacts_dir / f"layer_{layer:02d}" / "predictions.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(predictions))
-            metrics = sta_top5_map([a for a in val_items if a["objects"] is not None], predictions)
+            metrics = sta_top5_map([a for a in val_items if a["objects"]], predictions)
+            # NaN = no frame had a detection at all; that is a score of 0, and JSON has no NaN
+            metrics = {k: 0.0 if v != v else v for k, v in metrics.items()}
             rows.append(LayerRow(layer=layer, metrics=metrics))
         t2 = time.perf_counter()
-        protocol = {"probe": "sta_head", "settings": head, "frames": frames, "stride": stride,
+        protocol = {"probe": "sta_head", "grid": {}, "settings": head, "frames": frames, "stride": stride,
                     "resolution": resolution, "selection_split": "none (fixed hyper-parameters)",
                     "report_split": ds.get("val_split", "val"), "seed": ctx.seed,
                     "num_train": len(keep_tr), "num_val": len(keep_va),

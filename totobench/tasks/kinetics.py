@@ -89,12 +89,12 @@ def _skipped_summary(views: ClipViews, decode_failures: list[tuple[str, str]]) -
 
 def video_level_metrics(scores: torch.Tensor, labels: np.ndarray, groups: np.ndarray) -> dict:
     """Average softmax scores of the views of each video, then top-1/top-5 over videos."""
-    groups_t = torch.as_tensor(groups)
+    groups_t = torch.as_tensor(np.array(groups))
     uniq, inverse = torch.unique(groups_t, return_inverse=True)
     probs = scores.softmax(-1)
     summed = torch.zeros(len(uniq), probs.shape[1]).index_add_(0, inverse, probs)
     video_labels = torch.zeros(len(uniq), dtype=torch.long)
-    video_labels[inverse] = torch.as_tensor(labels, dtype=torch.long)
+    video_labels[inverse] = torch.as_tensor(np.array(labels), dtype=torch.long)
     return topk_accuracy(summed, video_labels, ks=(1, 5))
 
 

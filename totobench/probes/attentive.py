@@ -1,0 +1,307 @@
+"""Attentive probe (the paper's probe): a learnable query cross-attends over one layer's tokens.
+
+    tokens [B, L, D] -> LayerNorm -> multi-head attention of one learned query -> Linear -> logits [B, C]
+
+`AttentiveProbes` holds n independent probes with their weights stacked on a leading axis, so a
+grid of (lr, wd) probes over the same layer runs as a few batched tensor ops. With a single query
+the keys never need to exist: score_l = q_h . (W_k x_l)_h = x_l . (W_k,h^T q_h), and the values
+are a projection of the attention-weighted mean of the tokens, so a probe costs O(L * D * heads)
+per item instead of the O(L * D^2) of materialised keys and values. The result is exactly
+standard multi-head attention (tests compare it with torch's scaled_dot_product_attention).
+
+`AttentiveProbeGrid` trains probes for several layers x lrs x wds from streamed batches (one
+backbone pass yields every layer's tokens), selects on a held-out slice, and can be resumed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from totobench.errors import CheckpointError, ConfigError
+from totobench.metrics.classification import topk_correct
+from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
+
+DEFAULT_LRS = (1e-3, 3e-4)
+DEFAULT_WDS = (1e-4, 1e-2)
+
+Batches = Callable[[], Iterable[tuple[dict[int, torch.Tensor], torch.Tensor]]]
+EpochBatches = Callable[[int], Iterable[tuple[dict[int, torch.Tensor], torch.Tensor]]]
+
+
+class AttentiveProbes(nn.Module):
+    """n independent attentive probes over the same tokens; forward(tokens [B, L, D]) -> logits [n, B, C]."""
+
+    def __init__(self, n: int, dim: int, num_classes: int, num_heads: int = 8, generator: torch.Generator | None = None):
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(f"probe.num_heads ({num_heads}) must divide the feature dim ({dim})")
+        self.num_heads = num_heads
+
+        def normal(*shape, std):
+            return nn.Parameter(torch.randn(*shape, generator=generator) * std)
+
+        self.norm_weight = nn.Parameter(torch.ones(n, dim))
+        self.norm_bias = nn.Parameter(torch.zeros(n, dim))
+        self.query = normal(n, dim, std=1.0)
+        # projections act as x @ W ([D_in, D_out]); variance-preserving init, like nn.Linear's scale
+        self.q_proj = normal(n, dim, dim, std=dim ** -0.5)
+        self.q_bias = nn.Parameter(torch.zeros(n, dim))
+        self.k_proj = normal(n, dim, dim, std=dim ** -0.5)  # no key bias: it shifts all scores of a head equally
+        self.v_proj = normal(n, dim, dim, std=dim ** -0.5)
+        self.v_bias = nn.Parameter(torch.zeros(n, dim))
+        self.out_proj = normal(n, dim, dim, std=dim ** -0.5)
+        self.out_bias = nn.Parameter(torch.zeros(n, dim))
+        self.head_weight = normal(n, dim, num_classes, std=0.01)
+        self.head_bias = nn.Parameter(torch.zeros(n, num_classes))
+
+    def decayed(self) -> set[str]:
+        """Names of the parameters that weight decay applies to (matrices, not biases/norms/query)."""
+        return {"q_proj", "k_proj", "v_proj", "out_proj", "head_weight"}
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        n, dim = self.query.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        x = F.layer_norm(tokens, (dim,))  # each probe's affine is applied below, after pooling
+        q = (self.query[:, None, :] @ self.q_proj)[:, 0] + self.q_bias  # [n, D]
+        k_weight = self.k_proj.view(n, dim, heads, head_dim)
+        # fold each head's query into its key weights; LayerNorm's scale folds in too, its shift only
+        # adds the same constant to every score of a head (softmax ignores it)
+        key_dirs = torch.einsum("ndhe,nhe->ndh", k_weight, q.view(n, heads, head_dim)) / math.sqrt(head_dim)
+        key_dirs = key_dirs * self.norm_weight[:, :, None]
+        attn = torch.einsum("bld,ndh->nbhl", x, key_dirs).softmax(-1)
+        pooled = torch.einsum("nbhl,bld->nbhd", attn, x)  # per-head attention-weighted mean of tokens
+        pooled = pooled * self.norm_weight[:, None, None, :] + self.norm_bias[:, None, None, :]
+        v = torch.einsum("nbhd,ndhe->nbhe", pooled, self.v_proj.view(n, dim, heads, head_dim))
+        v = v.reshape(n, -1, dim) + self.v_bias[:, None, :]
+        out = v @ self.out_proj + self.out_bias[:, None, :]
+        return out @ self.head_weight + self.head_bias[:, None, :]
+
+
+class AttentiveProbe(AttentiveProbes):
+    """One attentive probe: forward(tokens [B, L, D]) -> logits [B, num_classes]."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int = 8, generator: torch.Generator | None = None):
+        super().__init__(1, dim, num_classes, num_heads, generator)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens)[0]
+
+
+class AttentiveProbeGrid:
+    """Attentive probes for every (layer, lr, wd), trained together from streamed token batches.
+
+    Per step, `train_step({layer: tokens [B, L, D]}, labels [B])` updates every probe (AdamW, its
+    own lr and decoupled wd; warmup then cosine to 0 when total_steps is known, else constant).
+    Selection: stream held-out batches through `evaluate`, then `select()` picks the best (lr, wd)
+    per layer by top-1. `state_dict()` / `load_state_dict()` resume training exactly.
+    """
+
+    def __init__(self, layers: list[int], dim: int, num_classes: int, lrs=DEFAULT_LRS, wds=DEFAULT_WDS,
+                 num_heads: int = 8, total_steps: int | None = None, warmup_steps: int = 0, seed: int = 0,
+                 device="cpu"):
+        if not lrs or not wds:
+            raise ConfigError(f"probe.lrs and probe.wds must be non-empty lists, got {list(lrs)} and {list(wds)}")
+        self.layers = list(layers)
+        self.hparams = [(float(lr), float(wd)) for lr in lrs for wd in wds]
+        self.config = {"layers": self.layers, "dim": dim, "num_classes": num_classes, "hparams": self.hparams,
+                       "num_heads": num_heads, "seed": seed}
+        self.num_classes, self.device = num_classes, device
+        self.total_steps, self.warmup_steps = total_steps, warmup_steps
+        generator = torch.Generator().manual_seed(seed)
+        self.probes = nn.ModuleDict({str(layer): AttentiveProbes(len(self.hparams), dim, num_classes, num_heads, generator)
+                                     for layer in self.layers}).to(device)
+        lr = torch.tensor([lr for lr, _ in self.hparams], device=device)
+        wd = torch.tensor([wd for _, wd in self.hparams], device=device)
+        params = [(p, name in probe.decayed()) for probe in self.probes.values() for name, p in probe.named_parameters()]
+        self.optimizer = GridAdamW(params, lr, wd)
+        self.reset_evaluation()
+        self.chosen: dict[int, int] | None = None
+
+    @property
+    def step(self) -> int:
+        return self.optimizer.steps
+
+    def _tokens(self, tokens: dict[int, torch.Tensor], layer: int) -> torch.Tensor:
+        return tokens[layer].to(self.device, torch.float32)
+
+    def train_step(self, tokens: dict[int, torch.Tensor], labels: torch.Tensor) -> float:
+        """One AdamW step of every probe on a batch; returns the loss averaged over probes."""
+        labels = labels.to(self.device, torch.long)
+        n = len(self.hparams)
+        loss = 0.0
+        for layer in self.layers:
+            logits = self.probes[str(layer)](self._tokens(tokens, layer))
+            # sum over probes of each probe's batch-mean loss: every probe gets its own gradient
+            loss = loss + F.cross_entropy(logits.reshape(-1, self.num_classes), labels.repeat(n),
+                                          reduction="sum") / len(labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step(cosine_lr_scale(self.optimizer.steps, self.total_steps, self.warmup_steps))
+        return loss.item() / (n * len(self.layers))
+
+    @torch.no_grad()
+    def scores(self, tokens: dict[int, torch.Tensor]) -> dict[tuple[int, float, float], torch.Tensor]:
+        """Logits [B, C] of every probe, keyed (layer, lr, wd)."""
+        out = {}
+        for layer in self.layers:
+            logits = self.probes[str(layer)](self._tokens(tokens, layer))
+            out.update({(layer, lr, wd): logits[i] for i, (lr, wd) in enumerate(self.hparams)})
+        return out
+
+    def reset_evaluation(self):
+        """Forget the held-out counts gathered by `evaluate`."""
+        self.holdout_correct = torch.zeros(len(self.layers), len(self.hparams), dtype=torch.long)
+        self.holdout_seen = 0
+
+    @torch.no_grad()
+    def evaluate(self, tokens: dict[int, torch.Tensor], labels: torch.Tensor):
+        """Add a held-out batch to every probe's top-1 count."""
+        for li, layer in enumerate(self.layers):
+            logits = self.probes[str(layer)](self._tokens(tokens, layer))
+            for i in range(len(self.hparams)):
+                self.holdout_correct[li, i] += topk_correct(logits[i], labels, (1,))[1]
+        self.holdout_seen += len(labels)
+
+    def select(self) -> dict[int, dict]:
+        """Best (lr, wd) per layer by held-out top-1 (ties: earlier in the grid).
+
+        Returns {layer: {"best_hparams": {"lr", "wd"}, "select_score"}}; raises ValueError when
+        no held-out batch was evaluated.
+        """
+        if self.holdout_seen == 0:
+            raise ValueError("select() needs held-out batches: call evaluate() first")
+        accuracy = self.holdout_correct / self.holdout_seen
+        best = accuracy.argmax(1)
+        self.chosen = {layer: int(best[li]) for li, layer in enumerate(self.layers)}
+        return {layer: {"best_hparams": {"lr": self.hparams[i][0], "wd": self.hparams[i][1]},
+                        "select_score": accuracy[li, i].item()}
+                for li, (layer, i) in enumerate(self.chosen.items())}
+
+    @torch.no_grad()
+    def selected_scores(self, tokens: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Logits [B, C] of each layer's chosen probe (call `select()` first)."""
+        if self.chosen is None:
+            raise ValueError("selected_scores() needs select() first")
+        return {layer: self.probes[str(layer)](self._tokens(tokens, layer))[i] for layer, i in self.chosen.items()}
+
+    def state_dict(self) -> dict:
+        return {"config": self.config, "probes": self.probes.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "holdout_correct": self.holdout_correct.clone(), "holdout_seen": self.holdout_seen,
+                "chosen": self.chosen}
+
+    def load_state_dict(self, state: dict):
+        """Restore a state saved by `state_dict()`; raises CheckpointError when the grid differs."""
+        if state.get("config") != self.config:
+            raise CheckpointError(f"attentive probe state was saved for {state.get('config')}, "
+                                  f"this grid is {self.config}")
+        self.probes.load_state_dict(state["probes"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.holdout_correct = state["holdout_correct"].clone()
+        self.holdout_seen = state["holdout_seen"]
+        self.chosen = state["chosen"]
+
+
+def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Batches, val_batches: Batches,
+                                layers: list[int], dim: int, num_classes: int, lrs=DEFAULT_LRS, wds=DEFAULT_WDS,
+                                epochs: int = 10, num_heads: int = 8, warmup_epochs: float = 0.0,
+                                steps_per_epoch: int | None = None, seed: int = 0, device="cpu",
+                                state_path: str | Path | None = None,
+                                on_epoch: Callable[[int, float], None] | None = None,
+                                return_scores: bool = False) -> dict[int, dict]:
+    """Train an AttentiveProbeGrid for `epochs` over streamed batches, select, report on val.
+
+    train_batches(epoch), holdout_batches() and val_batches() each return a fresh iterable of
+    ({layer: tokens [B, L, D]}, labels [B]); the caller keeps the held-out items out of train
+    and shuffles train by epoch (so a resumed run sees the same batches as an uninterrupted one). The cosine schedule needs the number of
+    batches per epoch: steps_per_epoch, else len() of the first train iterable, else constant lr.
+    state_path: the grid is saved there (atomically) after every epoch and a run resumes from it.
+    on_epoch(epoch, mean_loss) is called after each epoch (progress display).
+    Returns {layer: {"metrics": {"top1", "top5"} on val, "best_hparams": {"lr", "wd"},
+    "select_score": held-out top-1}} (the probes are trained without the held-out slice; no refit).
+    return_scores=True adds "val_scores": logits [M, C] (fp32, CPU) of the chosen probe.
+    """
+    if epochs < 1:
+        raise ConfigError(f"probe.epochs must be >= 1, got {epochs}")
+    if steps_per_epoch is None:
+        try:
+            steps_per_epoch = len(train_batches(0))
+        except TypeError:
+            steps_per_epoch = None
+    total = epochs * steps_per_epoch if steps_per_epoch else None
+    warmup = int(warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
+    grid = AttentiveProbeGrid(layers, dim, num_classes, lrs, wds, num_heads, total, warmup, seed, device)
+    start_epoch = 0
+    if state_path is not None and Path(state_path).exists():
+        saved = torch.load(state_path, map_location=device, weights_only=False)
+        grid.load_state_dict(saved["grid"])
+        start_epoch = saved["epoch"] + 1
+    for epoch in range(start_epoch, epochs):
+        losses = [grid.train_step(tokens, labels) for tokens, labels in train_batches(epoch)]
+        if state_path is not None:
+            tmp = Path(f"{state_path}.tmp")
+            torch.save({"grid": grid.state_dict(), "epoch": epoch}, tmp)
+            os.replace(tmp, state_path)
+        if on_epoch is not None:
+            on_epoch(epoch, sum(losses) / max(1, len(losses)))
+
+    grid.reset_evaluation()
+    for tokens, labels in holdout_batches():
+        grid.evaluate(tokens, labels)
+    selection = grid.select()
+    correct = {layer: {1: 0, 5: 0} for layer in layers}
+    scores: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    seen = 0
+    for tokens, labels in val_batches():
+        for layer, logits in grid.selected_scores(tokens).items():
+            for k, n in topk_correct(logits, labels, (1, 5)).items():
+                correct[layer][k] += n
+            if return_scores:
+                scores[layer].append(logits.cpu())
+        seen += len(labels)
+    out = {layer: {"metrics": {f"top{k}": correct[layer][k] / seen for k in (1, 5)}, **selection[layer]}
+           for layer in layers}
+    if return_scores:
+        for layer in layers:
+            out[layer]["val_scores"] = torch.cat(scores[layer])
+    return out
+
+
+def fit_attentive_grid(train: dict, train_labels, val: dict, val_labels, num_classes: int, lrs=DEFAULT_LRS,
+                       wds=DEFAULT_WDS, epochs: int = 10, batch_size: int = 64, holdout: float = 0.1,
+                       num_heads: int = 8, warmup_epochs: float = 0.0, seed: int = 0, device="cpu",
+                       state_path: str | Path | None = None, return_scores: bool = False) -> dict[int, dict]:
+    """The attentive grid on stored token features, with the linear grid's signature.
+
+    train: {layer: tokens [N, L, D]} (tensors or numpy arrays/memmaps, any float dtype), val:
+    {layer: [M, L, D]}; a stratified `holdout` slice of train selects (lr, wd). Batches are read
+    row by row from the arrays (never copied whole), shuffled per epoch with `seed`.
+    Returns the per-layer dict of `fit_attentive_grid_streamed`.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"probe.batch_size must be >= 1, got {batch_size}")
+    layers = list(train)
+    if set(val) != set(layers):
+        raise ValueError(f"train and val must hold the same layers, got {sorted(train)} and {sorted(val)}")
+    train_labels = torch.as_tensor(train_labels).long().cpu()
+    val_labels = torch.as_tensor(val_labels).long().cpu()
+    fit_idx, holdout_idx = holdout_split(train_labels, holdout, seed)
+
+    def batches(features, labels, index, epoch=None):
+        if epoch is not None:  # shuffle by (seed, epoch): resuming replays the same order
+            index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))]
+        for start in range(0, len(index), batch_size):
+            rows = index[start:start + batch_size]
+            yield {layer: gather_rows(features[layer], rows) for layer in layers}, labels[rows]
+
+    return fit_attentive_grid_streamed(
+        lambda epoch: batches(train, train_labels, fit_idx, epoch), lambda: batches(train, train_labels, holdout_idx),
+        lambda: batches(val, val_labels, torch.arange(len(val_labels))), layers, train[layers[0]].shape[-1], num_classes,
+        lrs, wds, epochs, num_heads, warmup_epochs, steps_per_epoch=-(-len(fit_idx) // batch_size), seed=seed,
+        device=device, state_path=state_path, return_scores=return_scores)

@@ -1,0 +1,91 @@
+"""kNN classification on frozen features: cosine similarity, temperature-weighted votes (as in DINO).
+
+Features are L2-normalised, so faiss' exact inner-product index gives cosine similarity. Each
+neighbour votes exp(sim / T) for its class. One search at the largest k serves every k.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from totobench.errors import ConfigError
+from totobench.metrics.classification import topk_correct
+from totobench.probes.grid import holdout_split
+
+
+def _normalised(features) -> np.ndarray:
+    """[N, D] (tensor or array, any float dtype) -> contiguous fp32 numpy rows of unit L2 norm."""
+    x = features.detach().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def knn_classify(train_feats, train_labels, test_feats, num_classes: int, ks=(10, 20),
+                 temperature: float = 0.07, batch_size: int = 4096) -> dict[int, torch.Tensor]:
+    """Class scores of every test item from its k nearest train items, for each k.
+
+    train_feats [N, D], train_labels [N], test_feats [M, D] (tensors or arrays).
+    Returns {k: scores [M, C] fp32 CPU tensor}: the sum over the k most cosine-similar train
+    items of exp(similarity / temperature), per class. A k above N uses all N train items.
+    Queries run in chunks of batch_size, so memory stays flat as M grows.
+    Raises ConfigError on an empty ks, a k < 1 or a non-positive temperature.
+    """
+    import faiss
+
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"probe.ks must be a non-empty list of k >= 1, got {list(ks)}")
+    if temperature <= 0:
+        raise ConfigError(f"probe.temperature must be > 0, got {temperature}")
+    train = _normalised(train_feats)
+    test = _normalised(test_feats)
+    labels = torch.as_tensor(train_labels).long().cpu()
+    index = faiss.IndexFlatIP(train.shape[1])
+    index.add(train)
+    depth = {k: min(k, len(train)) for k in ks}
+    max_k = max(depth.values())
+    scores = {k: torch.zeros(len(test), num_classes) for k in ks}
+    for start in range(0, len(test), batch_size):
+        sims, neighbours = index.search(test[start:start + batch_size], max_k)
+        votes = torch.exp(torch.from_numpy(sims) / temperature)
+        voted = labels[torch.from_numpy(neighbours)]
+        running = torch.zeros(len(sims), num_classes)
+        done = 0
+        # add neighbours rank by rank in increasing k, so each k reuses the smaller k's sums
+        for k in sorted(ks, key=lambda k: depth[k]):
+            running.scatter_add_(1, voted[:, done:depth[k]], votes[:, done:depth[k]])
+            done = depth[k]
+            scores[k][start:start + len(sims)] = running
+    return scores
+
+
+def fit_knn_layers(train: dict, train_labels, val: dict, val_labels, num_classes: int, ks=(10, 20),
+                   temperature: float = 0.07, holdout: float = 0.1, seed: int = 0,
+                   return_scores: bool = False) -> dict[int, dict]:
+    """kNN per layer: choose k on a held-out slice of train, report on val with all of train as memory.
+
+    train: {layer: [N, D]}, val: {layer: [M, D]} (same layers), labels [N] and [M].
+    Returns {layer: {"metrics": {"top1", "top5"} on val (fractions), "best_hparams": {"k",
+    "temperature"}, "select_score": top-1 on the held-out slice with the rest of train as memory}}.
+    Ties in the held-out top-1 go to the smaller k. return_scores=True adds "val_scores" [M, C].
+    """
+    train_labels = torch.as_tensor(train_labels).long().cpu()
+    val_labels = torch.as_tensor(val_labels).long().cpu()
+    if set(val) != set(train):
+        raise ValueError(f"train and val must hold the same layers, got {sorted(train)} and {sorted(val)}")
+    fit_idx, holdout_idx = holdout_split(train_labels, holdout, seed)
+    ks = sorted(set(int(k) for k in ks))
+    out = {}
+    for layer, feats in train.items():
+        feats = feats if isinstance(feats, torch.Tensor) else torch.from_numpy(np.asarray(feats))
+        held = knn_classify(feats[fit_idx], train_labels[fit_idx], feats[holdout_idx], num_classes, ks, temperature)
+        select = {k: topk_correct(held[k], train_labels[holdout_idx], (1,))[1] / len(holdout_idx) for k in ks}
+        best_k = max(ks, key=lambda k: (select[k], -k))
+        scores = knn_classify(feats, train_labels, val[layer], num_classes, (best_k,), temperature)[best_k]
+        correct = topk_correct(scores, val_labels, (1, 5))
+        out[layer] = {"metrics": {f"top{k}": n / len(val_labels) for k, n in correct.items()},
+                      "best_hparams": {"k": best_k, "temperature": temperature},
+                      "select_score": select[best_k]}
+        if return_scores:
+            out[layer]["val_scores"] = scores
+    return out

@@ -20,13 +20,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[all]"
 	touch $@
 
-# The default suite on the embedded data world with the bundled model.
+TB := $(VENV)/bin/totobench
+
+# The default suite on the embedded data world: the bundled model and its random-init baseline,
+# then the leaderboard and the layer-sweep comparison (what results/ in the repository holds).
 run: setup
-	$(VENV)/bin/totobench run --model toto-tiny --tasks all --layers all
-	$(VENV)/bin/totobench export results --format md --out results/LEADERBOARD.md
+	$(TB) run --model toto-tiny --tasks all --layers all
+	$(TB) run --model random-init:toto-tiny --tasks all --layers all
+	$(TB) export results --format md --out results/LEADERBOARD.md
+	$(TB) export results --format html --out results/leaderboard.html
+	$(TB) compare results/toto-tiny results/random-init_toto-tiny --plot results/layer_sweep.png
 
 quick: setup
-	$(VENV)/bin/totobench run --model toto-tiny --tasks all --layers all --quick --out results-quick
+	$(TB) run --model toto-tiny --tasks all --layers all --quick --out results-quick
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -x --timeout 600

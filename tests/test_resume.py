@@ -93,8 +93,13 @@ def test_truncated_shard_is_detected_and_recomputed(backbone, tmp_path, monkeypa
 def test_changed_checkpoint_or_transform_never_reuses_features(backbone, micro_checkpoint, tmp_path, monkeypatch):
     cache = FeatureCache(tmp_path)
     first = _extract(backbone, cache, Frames(8))
-    other = load_backbone(f"random-init:{micro_checkpoint}")  # same config, other weights
-    assert other.sha256 != backbone.sha256
+    from totobench.model.checkpoint import load_checkpoint, save_checkpoint
+    model, tokenizer, _, _ = load_checkpoint(micro_checkpoint)
+    with torch.no_grad():
+        model.layers[0].attention.wq.weight.add_(0.01)   # retrained: same folder name, new weights
+    save_checkpoint(tmp_path / "v2" / "micro", model, tokenizer)
+    other = load_backbone(str(tmp_path / "v2" / "micro"))
+    assert other.name == backbone.name and other.sha256 != backbone.sha256
     seen = _counting(backbone, monkeypatch)
     changed_model = _extract(other, cache, Frames(8))
     assert not changed_model.from_cache and sum(seen) == 8

@@ -68,7 +68,7 @@ DAVIS_SHAPE = (96, 128)
 PRETRAIN_IMAGE_SIZE, PRETRAIN_VIDEO_SHAPE, PRETRAIN_FRAMES, PRETRAIN_FPS = 80, (96, 96), 32, 8
 
 # Bump a root's version when its content changes: existing worlds regenerate that root only.
-ROOT_VERSIONS = {"pretrain": 1, "imagenet": 1, "kinetics400": 1, "ego4d": 1, "davis": 2}
+ROOT_VERSIONS = {"pretrain": 1, "imagenet": 2, "kinetics400": 1, "ego4d": 1, "davis": 2}
 MANIFEST = "world.json"
 JPEG_QUALITY = 90
 
@@ -112,7 +112,8 @@ def _imagenet_images(root: Path, seed: int, split: str, indices: range) -> list:
         c, j = i % n_classes, i // n_classes  # classes interleaved so batches mix classes
         rng = stream_rng(seed, f"imagenet/{split}", i)
         h, w = _image_shape(rng)
-        image = scenes.object_image(rng, scenes.OBJECT_CLASSES[c], h, w, part_of(split))
+        image = scenes.object_image(rng, scenes.OBJECT_CLASSES[c], h, w, part_of(split),
+                                    class_hue=scenes.OBJECT_CLASS_HUES[c])
         wnid = scenes.OBJECT_WNIDS[c]
         name = f"{wnid}_{j}.JPEG" if split == "train" else f"ILSVRC2012_val_{i + 1:08d}.JPEG"
         Image.fromarray(image).save(root / split / wnid / name, quality=JPEG_QUALITY)

@@ -86,7 +86,8 @@ class DavisLabelPropagation(Task):
         t0 = time.perf_counter()
         rows = []
         for layer in ctx.layers:
-            scores = evaluate_davis(ctx.data_root, layer_dirs[layer], split, sequences=sequences)
+            scores = evaluate_davis(ctx.data_root, layer_dirs[layer], split, sequences=sequences,
+                                    resolution=data.resolution)
             rows.append(LayerRow(layer=layer, metrics={k: scores[k] for k in REPORTED}))
         protocol = {"probe": "label_propagation", "grid": {}, "settings": params, "resolution": resolution,
                     "selection_split": "none (no training)", "report_split": split, "seed": ctx.seed,

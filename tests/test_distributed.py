@@ -11,9 +11,19 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from totobench.cli import main
 from totobench.features.extract import plan_chunks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine, 2 threads are ~10x slower (spinning)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _run_args(world, checkpoint):

@@ -22,6 +22,15 @@ from totobench.features.extract import extract_features
 from totobench.model.registry import load_backbone
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine, 2 threads are ~10x slower (spinning)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 class Frames(Dataset):
     """n random images [1, 3, 64, 64] with label i % 3; item `fail_at` raises (a crash mid-run)."""
 
@@ -122,8 +131,8 @@ def _comparable(result: dict) -> dict:
 def test_sigkill_during_extraction_then_rerun_gives_the_uninterrupted_result(tiny_world, micro_checkpoint,
                                                                              tmp_path, monkeypatch, capsys):
     args = ["run", "--model", str(micro_checkpoint), "--tasks", "imagenet-linear", "--layers", "0,-1",
-            "--quick", "--set", "probe.holdout=0.3", "--set", "batch_size=4", "--data-root", str(tiny_world),
-            "--out", str(tmp_path / "out")]
+            "--quick", "--set", "probe.holdout=0.3", "--set", "probe.epochs=10", "--set", "batch_size=4",
+            "--data-root", str(tiny_world), "--out", str(tmp_path / "out")]
     monkeypatch.setenv("TOTOBENCH_CHUNK_BATCHES", "1")
     home = tmp_path / "home"
     features = home / "features"

@@ -262,7 +262,10 @@ def cli_ls(args) -> int:
     console = Console()
     if args.what == "tasks":
         from rich.table import Table
-        table = Table("task", "class", "format", "probe", "main metric", "description")
+        table = Table()
+        for column in ("task", "class", "format", "probe", "main metric"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("description", ratio=1, overflow="fold")
         for name in available_tasks():
             try:
                 cfg = load_task_config(name)

@@ -68,7 +68,7 @@ DAVIS_SHAPE = (96, 128)
 PRETRAIN_IMAGE_SIZE, PRETRAIN_VIDEO_SHAPE, PRETRAIN_FRAMES, PRETRAIN_FPS = 80, (96, 96), 32, 8
 
 # Bump a root's version when its content changes: existing worlds regenerate that root only.
-ROOT_VERSIONS = {"pretrain": 1, "imagenet": 2, "kinetics400": 1, "ego4d": 1, "davis": 2}
+ROOT_VERSIONS = {"pretrain": 1, "imagenet": 2, "kinetics400": 1, "ego4d": 1, "davis": 3}
 MANIFEST = "world.json"
 JPEG_QUALITY = 90
 
@@ -269,12 +269,11 @@ def voc_palette() -> list[int]:
 
 
 def _davis_names(seed: int, count: int) -> list[str]:
-    rng, names = stream_rng(seed, "davis/names"), []
-    while len(names) < count:
-        name = f"{rng.choice(_DAVIS_WORDS[0])}-{rng.choice(_DAVIS_WORDS[1])}"
-        name = name if name not in names else f"{name}-{len(names)}"
-        names.append(name)
-    return names
+    """`count` distinct sequence names shaped like DAVIS ones ("calm-chase")."""
+    combos = [f"{a}-{b}" for a in _DAVIS_WORDS[0] for b in _DAVIS_WORDS[1]]
+    order = stream_rng(seed, "davis/names").permutation(len(combos))
+    return [combos[order[i % len(combos)]] + (f"-{i // len(combos)}" if i >= len(combos) else "")
+            for i in range(count)]
 
 
 def _davis_sequences(root: Path, seed: int, split: str, items: list[tuple[int, str]], num_frames: int) -> list:
@@ -368,9 +367,12 @@ def synth(out: Path, seed: int = 0, size: str = "default", roots: list[str] | No
             _write_root(out, root, seed, SIZES[size], pool)
             manifest["roots"][root] = ROOT_VERSIONS[root]
             _write_json_atomic(out / MANIFEST, manifest)
+        if pool is not None:
+            pool.close()
     finally:
         if pool is not None:
             pool.terminate()
+            pool.join()
 
 
 def _write_root(out: Path, root: str, seed: int, size: WorldSize, pool) -> None:

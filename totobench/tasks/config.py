@@ -38,6 +38,7 @@ TOP_LEVEL_KEYS: dict[str, type | tuple[type, ...]] = {
 DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
     "format": str, "root": (str, type(None)), "train_split": str, "val_split": str,
     "resolution_folder": (str, type(None)), "env": (str, list), "annotations": dict,
+    "demos": int, "rollouts": int, "episode_length": int, "action_repeat": int, "camera": str,
 }
 INPUT_KEYS: dict[str, type | tuple[type, ...]] = {
     "resolution": (int, type(None)), "frames": (int, type(None)), "stride": (int, type(None)),
@@ -46,6 +47,7 @@ INPUT_KEYS: dict[str, type | tuple[type, ...]] = {
 QUICK_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_train_per_class": int, "max_val_per_class": int, "max_train": int, "max_val": int,
     "max_sequences": int, "epochs": int, "episodes": int, "demos": int, "rollouts": int,
+    "episode_length": int,
 }
 
 # Which folder of a `--data-root` (or of the generated data world) holds each format.

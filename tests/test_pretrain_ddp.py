@@ -35,7 +35,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     cfg = micro_config(tmp_path, root, steps=6, checkpoint_every=3)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["pretrain", "--config", str(cfg), "--out", str(one)]) == 0
-    proc = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=0", "-m", "totobench",
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "totobench",
                            "pretrain", "--config", str(cfg), "--out", str(two)],
                           cwd=REPO, capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
@@ -43,6 +43,6 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert [r[:2] for r in a] == [r[:2] for r in b] and len(a) == 6
     assert [r[2] for r in b] == pytest.approx([r[2] for r in a], rel=1e-4)
     facts = json.loads((two / "training.json").read_text())
-    assert facts["processes"] == 2 and facts["command"].startswith("torchrun --nproc_per_node=2")
+    assert facts["processes"] == 2 and facts["command"].startswith("torchrun --standalone --nproc_per_node=2")
     assert facts["heldout_loss"] == pytest.approx(json.loads((one / "training.json").read_text())["heldout_loss"],
                                                   rel=1e-3)

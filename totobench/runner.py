@@ -205,7 +205,10 @@ def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> i
             result = build_result(backbone, task, cfg, out, data_root, layers, device,
                                   {"total": time.perf_counter() - t0, "model_load": load_s})
             result["extra"] = {**result.get("extra", {}), "quick": bool(args.quick)}  # for _same_run
-            write_result_atomic(path, result)
+            try:
+                write_result_atomic(path, result)
+            except OSError as err:  # e.g. the disk filled up: the temp file is already gone
+                raise TotobenchError(f"cannot write the result file {path} ({err.strerror or err})") from None
             written.append(result)
             _print_table(result, console)
             console.print(f"wrote {path}")

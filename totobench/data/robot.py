@@ -94,8 +94,8 @@ class RobotEnv:
 
     def __init__(self, name: str, resolution: int, camera: str = CAMERA,
                  action_repeat: int = ACTION_REPEAT):
+        envs, policies = _metaworld()   # sets up offscreen GL first
         import mujoco
-        envs, policies = _metaworld()
         self.name = metaworld_name(name)
         self.resolution = resolution
         self.camera = camera
@@ -212,7 +212,7 @@ def demos_dir(root: Path | None = None) -> Path:
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+            data = {k: z[k] for k in z.files if k != "meta"}
     except (OSError, ValueError, EOFError) as err:
         raise DataError(f"{path}: unreadable demonstrations file ({err}); delete it to re-record") from None
     missing = {"frames", "actions", "proprio", "length", "success_step", "seeds"} - set(data)

@@ -283,8 +283,9 @@ class _ChunkState:
 
     def commit(self, cache, base, layers) -> None:
         _, meta_key = _chunk_keys(base, layers, self.chunk)
-        for layer in list(self.writers):
-            self.writers.pop(layer).commit()
+        for layer, writer in list(self.writers.items()):
+            writer.commit()
+            del self.writers[layer]  # only once committed: a failed one is still aborted
         cache.save(meta_key, self.meta)
         cache.save_json(meta_key, {"skipped": self.skipped, "row_shape": self.row_shape})  # the chunk's done-mark
 
@@ -324,7 +325,8 @@ def _assemble(cache: FeatureCache, job: dict, keys: dict[int, str], meta_key: st
                     raise RuntimeError(f"feature chunk {(start, stop)} of layer {layer} is corrupt in {cache.root}")
                 writers[layer].array[start:stop] = rows
         for layer in layers:
-            feats[layer] = writers.pop(layer).commit()
+            feats[layer] = writers[layer].commit()
+            del writers[layer]
         meta = np.asarray(cache.save(meta_key, meta_buf))
         cache.save_json(meta_key, [list(s) for s in skipped])
     except OSError as err:

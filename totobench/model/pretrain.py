@@ -1,7 +1,7 @@
 """`totobench pretrain`: train the visual tokenizer, then Toto by next-token prediction.
 
     totobench pretrain --config configs/pretrain/toto-tiny.yaml [--out DIR] [--resume]
-    torchrun --nproc_per_node=2 -m totobench pretrain --config ...      # DDP, gloo on CPU
+    torchrun --standalone --nproc_per_node=2 -m totobench pretrain --config ...   # DDP, gloo on CPU
 
 Stages, each stored under the state folder (`<out>/train_state` unless the config says otherwise):
   1. tokenizer: a VQ-VAE trained on frames of the training files (rank 0), evaluated on frames of
@@ -805,7 +805,7 @@ def cli_pretrain(args) -> int:
     if not str(out) or str(out) == ".":
         raise ConfigError(f"{args.config}: no output folder; give --out or set `out:` in the config")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    command = ("" if world == 1 else f"torchrun --nproc_per_node={world} -m ") + \
+    command = ("" if world == 1 else f"torchrun --standalone --nproc_per_node={world} -m ") + \
         "totobench pretrain " + " ".join(shlex.quote(a) for a in _own_args(args))
     pretrain(cfg, out, resume=args.resume, console=Console(stderr=True), command=command)
     return 0

@@ -26,7 +26,8 @@ from totobench.errors import CheckpointError
 class TokenizerConfig:
     codebook_size: int = 1024
     downsample: int = 8          # must be a power of two; one stride-2 stage per factor 2
-    channels: int = 32           # conv width at full resolution
+    stem: int = 1                # patchify factor of the first layer (k = stride = stem); 1: a 3x3 conv
+    channels: int = 32           # conv width after the stem
     max_channels: int = 64       # width doubles at every downsampling stage up to this
     code_dim: int = 32           # dimension of a codebook vector
     num_res_blocks: int = 1      # residual blocks at the lowest resolution, in encoder and decoder
@@ -123,12 +124,13 @@ class VisualTokenizer(nn.Module):
         super().__init__()
         self.config = config or TokenizerConfig(**kwargs)
         c = self.config
-        stages = int(math.log2(c.downsample))
-        if 2 ** stages != c.downsample:
-            raise ValueError(f"downsample must be a power of two, got {c.downsample}")
-        # widths[s] = channels at 1/2**s resolution: thin where pixels are many, wide where few
+        stages = int(math.log2(c.downsample // c.stem)) if c.stem <= c.downsample else -1
+        if stages < 0 or 2 ** stages * c.stem != c.downsample:
+            raise ValueError(f"downsample ({c.downsample}) must be stem ({c.stem}) times a power of two")
+        # widths[s] = channels at 1/(stem * 2**s) resolution: thin where pixels are many, wide where few
         widths = [min(c.channels * 2 ** s, max(c.max_channels, c.channels)) for s in range(stages + 1)]
-        enc = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        # a patchifying stem makes the tokenizer cheap: no convolution runs at full resolution
+        enc = [nn.Conv2d(3, widths[0], c.stem, stride=c.stem) if c.stem > 1 else nn.Conv2d(3, widths[0], 3, padding=1)]
         for s in range(stages):
             enc += [nn.ReLU(), nn.Conv2d(widths[s], widths[s + 1], 4, stride=2, padding=1)]
         enc += [ResBlock(widths[-1]) for _ in range(c.num_res_blocks)]
@@ -138,7 +140,8 @@ class VisualTokenizer(nn.Module):
         dec += [ResBlock(widths[-1]) for _ in range(c.num_res_blocks)]
         for s in reversed(range(stages)):
             dec += [nn.ReLU(), nn.ConvTranspose2d(widths[s + 1], widths[s], 4, stride=2, padding=1)]
-        dec += [nn.ReLU(), nn.Conv2d(widths[0], 3, 3, padding=1)]
+        dec += [nn.ReLU(), nn.ConvTranspose2d(widths[0], 3, c.stem, stride=c.stem) if c.stem > 1
+                else nn.Conv2d(widths[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
         self.quantizer = EMAQuantizer(c.codebook_size, c.code_dim, c.ema_decay, c.dead_code_threshold)
 

@@ -13,12 +13,12 @@ import importlib
 from totobench.errors import ConfigError
 
 PROBES: dict[str, str] = {
-    "linear": "linear heads for every layer x lr x wd trained in one pass, chosen on a train hold-out",
-    "attentive": "a learned query cross-attends over one layer's tokens, then a linear classifier",
-    "knn": "cosine kNN (faiss) with temperature-weighted votes, several k from one search",
-    "label_propagation": "propagate first-frame masks through a video by feature affinity (DAVIS)",
-    "sta_head": "head predicting next-active-object boxes, nouns, verbs and time to contact (Ego4D STA)",
-    "bc_policy": "MLP policy trained by behaviour cloning on frozen frame features (robot)",
+    "linear": "linear heads for all layers x lrs x wds in one pass; picked on a train hold-out",
+    "attentive": "a learned query attends over one layer's tokens, then a linear classifier",
+    "knn": "cosine kNN (faiss), temperature-weighted votes, all k from one search",
+    "label_propagation": "first-frame masks carried through a video by feature affinity (DAVIS)",
+    "sta_head": "next-active-object boxes, noun, verb and time to contact (Ego4D STA)",
+    "bc_policy": "MLP policy by behaviour cloning on frozen frame features (robot)",
 }
 
 PROBE_TARGETS: dict[str, str] = {

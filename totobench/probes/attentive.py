@@ -117,10 +117,14 @@ class AttentiveProbeGrid:
         generator = torch.Generator().manual_seed(seed)
         self.probes = nn.ModuleDict({str(layer): AttentiveProbes(len(self.hparams), dim, num_classes, num_heads, generator)
                                      for layer in self.layers}).to(device)
-        lr = torch.tensor([lr for lr, _ in self.hparams], device=device)
-        wd = torch.tensor([wd for _, wd in self.hparams], device=device)
-        params = [(p, name in probe.decayed()) for probe in self.probes.values() for name, p in probe.named_parameters()]
-        self.optimizer = GridAdamW(params, lr, wd)
+        lr = torch.tensor([lr for lr, _ in self.hparams])
+        wd = torch.tensor([wd for _, wd in self.hparams])
+        params = []
+        for probe in self.probes.values():
+            for name, p in probe.named_parameters():
+                per_probe = (-1,) + (1,) * (p.ndim - 1)  # probe i's slice gets lr[i] and wd[i]
+                params.append((p, lr.view(per_probe), wd.view(per_probe) if name in probe.decayed() else None))
+        self.optimizer = GridAdamW(params)
         self.reset_evaluation()
         self.chosen: dict[int, int] | None = None
 

@@ -70,27 +70,23 @@ def cosine_lr_scale(step: int, total_steps: int | None, warmup_steps: int = 0) -
 
 
 class GridAdamW:
-    """AdamW where the leading axes of every parameter index heads with their own lr and decay.
+    """AdamW over stacked heads: every parameter comes with its own lr (and decay) tensor that
+    broadcasts against it, so each head's slice of a shared tensor gets its own hyper-parameters.
 
-    params: list of (parameter, decay) pairs; every parameter's shape starts with lr.shape.
-    lr, weight_decay: tensors of that leading shape (decoupled decay, applied where decay=True).
+    params: list of (parameter, lr, weight_decay or None); decay is decoupled (AdamW).
     """
 
-    def __init__(self, params: list[tuple[torch.Tensor, bool]], lr: torch.Tensor, weight_decay: torch.Tensor,
+    def __init__(self, params: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params = [p for p, _ in params]
-        self.decay = [d for _, d in params]
-        for p in self.params:
-            if tuple(p.shape[:lr.ndim]) != tuple(lr.shape):
-                raise ValueError(f"parameter of shape {tuple(p.shape)} does not start with the lr shape {tuple(lr.shape)}")
-        self.lr, self.weight_decay = lr, weight_decay
+        for p, lr, wd in params:  # expand() raises when a hyper-parameter tensor does not fit its parameter
+            lr.expand(p.shape), None if wd is None else wd.expand(p.shape)
+        self.params = [p for p, _, _ in params]
+        self.lrs = [lr.to(p.device, p.dtype) for p, lr, _ in params]
+        self.wds = [None if wd is None else wd.to(p.device, p.dtype) for p, _, wd in params]
         self.betas, self.eps = betas, eps
         self.steps = 0
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-
-    def _per_head(self, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        return values.to(p.device, p.dtype).reshape(values.shape + (1,) * (p.ndim - values.ndim))
 
     def zero_grad(self):
         for p in self.params:
@@ -103,12 +99,11 @@ class GridAdamW:
         # bias corrections folded into the step size and eps, as torch.optim.Adam does
         step_size = lr_scale * math.sqrt(1 - beta2 ** self.steps) / (1 - beta1 ** self.steps)
         eps = self.eps * math.sqrt(1 - beta2 ** self.steps)
-        for p, decay, m, v in zip(self.params, self.decay, self.exp_avg, self.exp_avg_sq):
+        for p, lr, wd, m, v in zip(self.params, self.lrs, self.wds, self.exp_avg, self.exp_avg_sq):
             if p.grad is None:
                 continue
-            lr = self._per_head(self.lr, p)
-            if decay:
-                p.mul_(1 - lr_scale * lr * self._per_head(self.weight_decay, p))
+            if wd is not None:
+                p.mul_(1 - lr_scale * lr * wd)
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
             p.addcdiv_(m * (lr * step_size), v.sqrt().add_(eps), value=-1.0)
@@ -121,4 +116,3 @@ class GridAdamW:
         self.steps = int(state["steps"])
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             dst.copy_(src)
-

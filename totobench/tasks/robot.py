@@ -16,6 +16,7 @@ that stops at that layer. Frame features are computed once and kept in a sliding
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -174,7 +175,8 @@ class RobotBC(Task):
                         def featurize(frames, layer=layer):
                             return pooled_features(ctx.backbone, frames, [layer], ctx.batch_size, ctx.device)[0]
 
-                        res = run_rollouts(pool, seeds, policy, featurize, context, s["episode_length"])
+                        with single_thread():
+                            res = run_rollouts(pool, seeds, policy, featurize, context, s["episode_length"])
                         t2, c2 = time.perf_counter(), time.process_time()
                         timing["train"] += t1 - t0
                         timing["rollout"] += t2 - t1
@@ -198,7 +200,8 @@ class RobotBC(Task):
             rows.append(LayerRow(layer=layer, metrics=metrics))
         timing["rollout_step"] = timing["rollout"] / max(decisions, 1)
         timing["rollout_step_cpu"] = rollout_cpu / max(decisions, 1)
-        protocol = {"probe": "bc_mlp", "settings": {**s["probe"], "hidden": list(s["probe"]["hidden"])},
+        settings = {**s["probe"], "hidden": list(s["probe"]["hidden"])}
+        protocol = {"probe": "bc_mlp", "grid": {k: [v] for k, v in settings.items()}, "settings": settings,
                     "envs": envs, "demos_per_env": s["demos"], "rollouts_per_env": s["rollouts"],
                     "episode_length": s["episode_length"], "action_repeat": s["action_repeat"],
                     "camera": s["camera"], "resolution": s["resolution"], "context_frames": context,
@@ -207,6 +210,18 @@ class RobotBC(Task):
                     "seed": ctx.seed, "rollout_decisions": decisions}
         return TaskOutput(per_layer=rows, protocol=protocol, dataset_fingerprint=demos_fingerprint(all_demos),
                           extra={"per_env": per_env}, timing_s=timing)
+
+
+@contextmanager
+def single_thread():
+    """One torch thread while the software renderer (llvmpipe, its own threads) runs in between
+    small backbone calls: with two, OpenMP's waiting threads made each step ~10x slower here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _pad(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -1,0 +1,36 @@
+"""Kinetics: a truncated and a deleted mp4 in the val split never stop the run; the result file
+lists both as skipped."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+from totobench.cli import main
+from totobench.results.schema import load_result
+
+
+def _video_path(root, row):
+    return root / row["split"] / f"{row['youtube_id']}_{int(row['time_start']):06d}_{int(row['time_end']):06d}.mp4"
+
+
+def test_truncated_and_deleted_videos_are_skipped_and_reported(tiny_world, micro_checkpoint, tmp_path):
+    root = tmp_path / "kinetics400"
+    shutil.copytree(tiny_world / "kinetics400", root)
+    with open(root / "val.csv") as f:
+        rows = list(csv.DictReader(f))
+    first, second = rows[0], next(r for r in rows[1:] if r["label"] != rows[0]["label"])
+    deleted, truncated = _video_path(root, first), _video_path(root, second)
+    deleted.unlink()
+    truncated.write_bytes(truncated.read_bytes()[:600])  # header only: not decodable
+
+    out = tmp_path / "out"
+    code = main(["run", "--model", str(micro_checkpoint), "--tasks", "k400-linear", "--layers", "-1",
+                 "--quick", "--set", f"k400.root={root}", "--set", "probe.epochs=2", "--out", str(out)])
+    assert code == 0
+    result = load_result(out / "micro" / "k400-linear.json")
+    skipped_val = result["extra"]["skipped"]["val"]
+    listed = {path for paths in skipped_val.values() for path in paths}
+    assert str(deleted) in listed and str(truncated) in listed
+    assert result["extra"]["num_skipped"]["val"] == len(listed) == 2
+    assert result["extra"]["num_skipped"]["train"] == 0

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from totobench.data.davis import DavisDataset
+from totobench.data.davis import DavisDataset, voc_palette
 from totobench.data.ego4d import find_sta_annotations, load_sta, sta_clip, sta_video_path
 from totobench.data.fingerprint import dataset_fingerprint
 from totobench.data.imagenet import ImageNetFolder
@@ -124,20 +124,6 @@ def test_fingerprint_depends_on_relative_paths_and_sizes_only(tmp_path):
 
 
 # DAVIS 2017 -------------------------------------------------------------------------------------
-
-def voc_palette() -> list[int]:
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
 
 def davis_mask(ids: np.ndarray) -> Image.Image:
     mask = Image.fromarray(ids.astype(np.uint8), mode="P")

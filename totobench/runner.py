@@ -224,7 +224,8 @@ def _same_run(done: dict, layers: list[int], backbone, cfg: dict, args) -> bool:
     task config and --quick (then a re-run skips it; anything else is recomputed)."""
     return (done["layers_requested"] == layers
             and done["model"]["checkpoint_sha256"] == backbone.sha256
-            and done.get("config") == json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}))
+            and done.get("config") == json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
+                                                            default=str))
             and done.get("extra", {}).get("quick", False) == bool(args.quick))
 
 

@@ -160,3 +160,18 @@ def load_indexed_png(path: Path) -> np.ndarray:
         raise DataError(f"{path}: missing annotation") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"{path}: unreadable annotation ({err})") from None
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour palette DAVIS annotations use: 256 RGB triplets, flattened."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        code = index
+        for bit in range(8):
+            r |= ((code >> 0) & 1) << (7 - bit)
+            g |= ((code >> 1) & 1) << (7 - bit)
+            b |= ((code >> 2) & 1) << (7 - bit)
+            code >>= 3
+        palette += [r, g, b]
+    return palette

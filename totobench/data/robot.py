@@ -147,7 +147,8 @@ class RobotEnv:
     def expert_action(self) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # "Constant(s) may be too high": the env clips anyway
-            return np.asarray(self.expert.get_action(self._obs), dtype=np.float32)
+            action = np.asarray(self.expert.get_action(self._obs), dtype=np.float32)
+        return np.clip(action, -1.0, 1.0)      # what the simulator applies
 
     def close(self) -> None:
         self.renderer.close()

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from totobench.data import world_scenes as scenes
+from totobench.data.davis import voc_palette
 from totobench.data.video import write_mp4
 from totobench.data.world_content import stream_rng
 from totobench.errors import ConfigError
@@ -123,8 +124,11 @@ def _imagenet_images(root: Path, seed: int, split: str, indices: range) -> list:
 def _image_shape(rng: np.random.Generator) -> tuple[int, int]:
     """(h, w): mostly square; one in four is landscape or portrait, to exercise resize-and-crop."""
     r = rng.random()
-    return (IMAGE_SIZE, IMAGE_SIZE + 16) if r < 0.125 else (IMAGE_SIZE + 16, IMAGE_SIZE) if r < 0.25 \
-        else (IMAGE_SIZE, IMAGE_SIZE)
+    if r < 0.125:
+        return IMAGE_SIZE, IMAGE_SIZE + 16  # landscape
+    if r < 0.25:
+        return IMAGE_SIZE + 16, IMAGE_SIZE  # portrait
+    return IMAGE_SIZE, IMAGE_SIZE
 
 
 def _plan_imagenet(root: Path, seed: int, size: WorldSize):
@@ -251,21 +255,6 @@ def _plan_ego4d(root: Path, seed: int, size: WorldSize):
 
 _DAVIS_WORDS = (("red", "blue", "swift", "lazy", "tiny", "bold", "calm", "wild", "odd", "shy", "brave", "quiet"),
                 ("digits", "shapes", "dance", "parade", "chase", "crossing", "drift", "juggle", "swap", "race"))
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (256 RGB triples, flattened): id 1 red, 2 green, 3 yellow, ..."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def _davis_names(seed: int, count: int) -> list[str]:

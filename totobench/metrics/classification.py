@@ -9,6 +9,17 @@ from __future__ import annotations
 import torch
 
 
+def true_class_rank(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the true class among C classes: scores [..., C], labels [...] -> ranks [...].
+
+    Rank = classes scored higher + equal-scored classes with a lower index (a stable sort's order).
+    """
+    labels = labels.to(scores.device, torch.long)
+    true_score = scores.gather(-1, labels[..., None])
+    lower_index = torch.arange(scores.shape[-1], device=scores.device) < labels[..., None]
+    return (scores > true_score).sum(-1) + ((scores == true_score) & lower_index).sum(-1)
+
+
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
     """Number of items whose label is among the k best-scored classes, for each k.
 
@@ -19,15 +30,11 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[
     if scores.ndim != 2 or labels.ndim != 1 or scores.shape[0] != labels.shape[0]:
         raise ValueError(f"expected scores [N, C] and labels [N], got {tuple(scores.shape)} and {tuple(labels.shape)}")
     num_classes = scores.shape[1]
-    labels = labels.to(scores.device, torch.long)
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
-    true_score = scores.gather(1, labels[:, None])
-    lower_index = torch.arange(num_classes, device=scores.device)[None, :] < labels[:, None]
-    # rank of the true class: classes scored higher, plus equal-scored classes with a lower index
-    rank = (scores > true_score).sum(1) + ((scores == true_score) & lower_index).sum(1)
+    rank = true_class_rank(scores, labels)
     return {k: int((rank < k).sum()) for k in ks}
 
 

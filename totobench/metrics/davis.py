@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from totobench.data.davis import voc_palette
 from totobench.errors import DataError
 
 VOID_LABEL = 255
@@ -194,21 +195,6 @@ def read_indexed_png(path: str | Path) -> np.ndarray:
     if mask.ndim != 2 or mask.dtype != np.uint8:
         raise DataError(f"{path}: expected a single-channel indexed PNG (mode P or L), got mode {mode}")
     return mask
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour palette DAVIS annotations use: 256 RGB triplets, flattened."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        code = index
-        for bit in range(8):
-            r |= ((code >> 0) & 1) << (7 - bit)
-            g |= ((code >> 1) & 1) << (7 - bit)
-            b |= ((code >> 2) & 1) << (7 - bit)
-            code >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 def write_indexed_png(path: str | Path, mask: np.ndarray) -> None:

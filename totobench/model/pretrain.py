@@ -54,7 +54,8 @@ DEFAULTS = {
     "model": {"preset": "toto-tiny"},
     "data": {"root": "world", "world_size": "default", "world_seed": 0, "heldout_fraction": 0.05,
              "sources": []},
-    "tokenizer": {"steps": 400, "batch_size": 64, "lr": 1e-3, "heldout_frames": 512},
+    "tokenizer": {"steps": 400, "batch_size": 64, "lr": 1e-3, "crop": None, "heldout_frames": 512,
+                  "max_minutes": None},
     "train": {"steps": 500, "batch_size": 8, "micro_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4,
               "warmup_steps": 50, "weight_decay": 0.1, "grad_clip": 1.0, "checkpoint_every": 50,
               "log_every": 5, "max_minutes": None},
@@ -277,16 +278,25 @@ def train_tokenizer(cfg: dict, mc: TotoConfig, frames: dict, out: Path, console)
     opt = torch.optim.Adam(tok.parameters(), lr=tc["lr"])
     gen = torch.Generator().manual_seed(seed)
     steps, bs = int(tc["steps"]), int(tc["batch_size"])
-    restarts = 0
+    restarts, steps_done = 0, 0
+    budget_s = 60 * float(tc["max_minutes"]) if tc.get("max_minutes") else None
     with _progress(console) as progress:
         task = progress.add_task("tokenizer", total=steps, loss=float("nan"), speed="")
         for step in range(steps):
+            if budget_s is not None and time.time() - t0 > budget_s:
+                break  # the shared machine is slower than planned: keep the codebook we have
+            steps_done = step + 1
             lr = tc["lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to 0
             for g in opt.param_groups:
                 g["lr"] = lr
             rng = np.random.default_rng([seed, 1, step])
             idx = torch.from_numpy(rng.integers(0, len(train_x), bs))
-            x = train_x[idx].float() / 255
+            x = train_x[idx]
+            if tc.get("crop"):  # the tokenizer is convolutional: random crops train it at a fraction of the cost
+                c = int(tc["crop"])
+                top, left = (int(v) for v in rng.integers(0, x.shape[-1] - c + 1, 2))
+                x = x[..., top:top + c, left:left + c]
+            x = x.float() / 255
             flip = torch.from_numpy(rng.random(bs) < 0.5)
             x[flip] = x[flip].flip(-1)
             out_step = tok.training_step(x, gen)
@@ -300,7 +310,8 @@ def train_tokenizer(cfg: dict, mc: TotoConfig, frames: dict, out: Path, console)
     facts = {
         "heldout": evaluate_tokenizer(tok, held_x.float() / 255),
         "train_subset": evaluate_tokenizer(tok, train_x[:len(held_x)].float() / 255),
-        "steps": steps, "batch_size": bs, "train_frames": int(len(train_x)),
+        "steps": steps_done, "steps_planned": steps, "batch_size": bs, "crop": tc.get("crop"),
+        "train_frames": int(len(train_x)),
         "code_restarts": int(restarts), "wall_time_s": round(time.time() - t0, 1),
         "config": tok.config.to_dict(),
     }

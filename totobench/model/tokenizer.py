@@ -80,17 +80,12 @@ class EMAQuantizer(nn.Module):
     def update(self, z: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None) -> int:
         """EMA codebook step on the vectors z [M, D] assigned to ids [M]; restarts dead codes.
 
-        Under DDP the counts and sums are all-reduced so that every rank keeps the same codebook.
-        Returns the number of restarted codes.
+        Returns the number of restarted codes. (Pre-training fits the tokenizer in one process.)
         """
         k = self.codebook.shape[0]
         onehot = F.one_hot(ids, k).type(z.dtype)
         counts = onehot.sum(0)
         sums = onehot.t() @ z
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed:
-            torch.distributed.all_reduce(counts)
-            torch.distributed.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         # Laplace smoothing keeps rarely used codes from dividing by ~0
@@ -101,11 +96,8 @@ class EMAQuantizer(nn.Module):
         dead = self.cluster_size < self.dead_code_threshold
         num_dead = int(dead.sum())
         if num_dead:
-            # the same restart on every rank: rank 0 picks the vectors and broadcasts them
             pick = torch.randint(0, z.shape[0], (num_dead,), generator=generator)
             fresh = z[pick].clone()
-            if distributed:
-                torch.distributed.broadcast(fresh, 0)
             self.codebook[dead] = fresh
             self.embed_sum[dead] = fresh
             self.cluster_size[dead] = 1.0

@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from totobench.errors import CheckpointError, ConfigError
-from totobench.metrics.classification import topk_correct
+from totobench.metrics.classification import topk_correct, true_class_rank
 from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
 
 DEFAULT_LRS = (1e-3, 3e-4)
@@ -168,9 +168,9 @@ class AttentiveProbeGrid:
     def evaluate(self, tokens: dict[int, torch.Tensor], labels: torch.Tensor):
         """Add a held-out batch to every probe's top-1 count."""
         for li, layer in enumerate(self.layers):
-            logits = self.probes[str(layer)](self._tokens(tokens, layer))
-            for i in range(len(self.hparams)):
-                self.holdout_correct[li, i] += topk_correct(logits[i], labels, (1,))[1]
+            logits = self.probes[str(layer)](self._tokens(tokens, layer))  # [probes, B, C]
+            rank = true_class_rank(logits, labels[None].expand(logits.shape[:2]))
+            self.holdout_correct[li] += (rank == 0).sum(1).cpu()
         self.holdout_seen += len(labels)
 
     def select(self) -> dict[int, dict]:

@@ -1,6 +1,6 @@
 """Behaviour cloning: an MLP from [frozen visual features + proprioception] to the expert's action.
 
-    policy, info = train_bc_policy(inputs, actions, hidden=(256, 256, 256), epochs=60, seed=0)
+    policy, info = train_bc_policy(inputs, actions, hidden=(256, 256, 256), epochs=20, seed=0)
     action = policy.act(x)          # float32 [B, A] in [-1, 1]
 
 Inputs are standardised with the training set's mean and std (stored in the policy), so feature
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-BC_DEFAULTS = {"hidden": (256, 256, 256), "epochs": 60, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 256}
+BC_DEFAULTS = {"hidden": (256, 256, 256), "epochs": 20, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64}
 
 
 class BCPolicy(nn.Module):
@@ -42,8 +42,8 @@ class BCPolicy(nn.Module):
 
 
 def train_bc_policy(inputs: torch.Tensor | np.ndarray, actions: torch.Tensor | np.ndarray,
-                    hidden=(256, 256, 256), epochs: int = 60, lr: float = 1e-3,
-                    weight_decay: float = 1e-4, batch_size: int = 256, seed: int = 0
+                    hidden=(256, 256, 256), epochs: int = 20, lr: float = 1e-3,
+                    weight_decay: float = 1e-4, batch_size: int = 64, seed: int = 0
                     ) -> tuple[BCPolicy, dict]:
     """Fit a BCPolicy by MSE with AdamW (cosine learning-rate decay) on inputs [N, D] ->
     actions [N, A]. Returns (policy in eval mode, {"train_mse": final full-set MSE, "steps": n}).

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from totobench.errors import ConfigError
-from totobench.metrics.classification import topk_accuracy, topk_correct
+from totobench.metrics.classification import topk_accuracy, true_class_rank
 from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -116,10 +116,9 @@ def count_correct(heads: LinearHeads, features: dict, labels: torch.Tensor, laye
     """{k: correct counts [layers, heads]} of every head on rows `index`."""
     counts = {k: torch.zeros(len(layers), heads.num_heads, dtype=torch.long) for k in ks}
     for logits, rows in predict(heads, features, layers, index, mean, std, device=device):
-        for li in range(logits.shape[0]):
-            for hi in range(logits.shape[2]):
-                for k, n in topk_correct(logits[li, :, hi], labels[rows], ks).items():
-                    counts[k][li, hi] += n
+        rank = true_class_rank(logits, labels[rows][None, :, None].expand(logits.shape[:3]))  # [layers, B, heads]
+        for k in ks:
+            counts[k] += (rank < k).sum(1).cpu()
     return counts
 
 

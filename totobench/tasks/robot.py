@@ -125,6 +125,10 @@ class RobotBC(Task):
         return {"envs": envs, "resolution": r, "probe": probe, **s}
 
     def run(self, ctx: RunContext) -> TaskOutput:
+        with single_thread():
+            return self._run(ctx)
+
+    def _run(self, ctx: RunContext) -> TaskOutput:
         from totobench.data.robot import (RobotEnv, demos_fingerprint, load_or_record_demos,
                                           metaworld_name, rollout_seed, short_name)
         from totobench.probes.bc_policy import train_bc_policy
@@ -132,6 +136,7 @@ class RobotBC(Task):
         envs = [short_name(metaworld_name(e)) for e in s["envs"]]
         timing = {"demos": 0.0, "demo_features": 0.0, "train": 0.0, "env_setup": 0.0, "rollout": 0.0}
         rollout_cpu = 0.0
+        cpu0 = time.process_time()
         decisions = 0
         per_env: dict[str, dict] = {}
         rates: dict[int, dict[str, float]] = {layer: {} for layer in ctx.layers}
@@ -175,8 +180,7 @@ class RobotBC(Task):
                         def featurize(frames, layer=layer):
                             return pooled_features(ctx.backbone, frames, [layer], ctx.batch_size, ctx.device)[0]
 
-                        with single_thread():
-                            res = run_rollouts(pool, seeds, policy, featurize, context, s["episode_length"])
+                        res = run_rollouts(pool, seeds, policy, featurize, context, s["episode_length"])
                         t2, c2 = time.perf_counter(), time.process_time()
                         timing["train"] += t1 - t0
                         timing["rollout"] += t2 - t1
@@ -200,6 +204,7 @@ class RobotBC(Task):
             rows.append(LayerRow(layer=layer, metrics=metrics))
         timing["rollout_step"] = timing["rollout"] / max(decisions, 1)
         timing["rollout_step_cpu"] = rollout_cpu / max(decisions, 1)
+        timing["cpu"] = time.process_time() - cpu0
         settings = {**s["probe"], "hidden": list(s["probe"]["hidden"])}
         protocol = {"probe": "bc_mlp", "grid": {k: [v] for k, v in settings.items()}, "settings": settings,
                     "envs": envs, "demos_per_env": s["demos"], "rollouts_per_env": s["rollouts"],
@@ -214,8 +219,8 @@ class RobotBC(Task):
 
 @contextmanager
 def single_thread():
-    """One torch thread while the software renderer (llvmpipe, its own threads) runs in between
-    small backbone calls: with two, OpenMP's waiting threads made each step ~10x slower here."""
+    """One torch thread: the task is many small calls (batch-5 backbone steps between renders,
+    batch-64 MLP updates); on a busy 2-core machine two threads cost ~15x more CPU."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

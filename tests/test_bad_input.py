@@ -136,6 +136,17 @@ def test_output_folder_that_is_not_writable(run, tmp_path):
     _one_line(code, lines, f"--out {blocker / 'results'}: folder is not writable")
 
 
+def test_output_folder_on_a_read_only_file_system(run, tmp_path):
+    mount = tmp_path / "ro"
+    if not _mount_tmpfs(mount, "ro,size=64k"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        code, lines = run(out_dir=mount / "results")
+        _one_line(code, lines, f"--out {mount / 'results'}: folder is not writable (Read-only file system)")
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)
+
+
 def test_feature_cache_folder_that_is_not_writable(run, tmp_path, monkeypatch):
     blocker = tmp_path / "home-file"
     blocker.write_text("not a folder")

@@ -99,6 +99,20 @@ def test_truncated_shard_is_detected_and_recomputed(backbone, tmp_path, monkeypa
     assert _extract(backbone, cache, Frames(12)).from_cache and seen == []   # repaired: a hit
 
 
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
+    from totobench.features.cache import temp_name
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache = FeatureCache(tmp_path)
+    mine = temp_name(tmp_path / "a.npy")                      # this (live) process's
+    stale = mine.with_name(mine.name.replace(f"-{os.getpid()}.", f"-{dead.pid}."))
+    other_host = mine.with_name(mine.name.replace(".tmp", "").rsplit(".", 1)[0] + f".elsewhere-{dead.pid}.tmp")
+    for p in (mine, stale, other_host):
+        p.write_bytes(b"x")
+    assert cache.remove_stale_temp() == [stale]
+    assert mine.exists() and other_host.exists() and not stale.exists()
+
+
 def test_changed_checkpoint_or_transform_never_reuses_features(backbone, micro_checkpoint, tmp_path, monkeypatch):
     cache = FeatureCache(tmp_path)
     first = _extract(backbone, cache, Frames(8))

@@ -2,7 +2,10 @@
 
 The runner loads the model once, resolves the layers, and for each task builds its context,
 runs it and writes the result JSON atomically. A task whose result file already exists and is
-valid is skipped (re-run the same command to continue an interrupted run; `--overwrite` redoes).
+valid is skipped (re-run the same command to continue an interrupted run; `--overwrite` redoes);
+features already extracted, down to the last committed chunk of a split, are reused.
+Under `torchrun --nproc_per_node=N -m totobench run ...` rank 0 runs the tasks and all ranks
+share the feature extraction (totobench.features.distributed); the result equals one process's.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ def setup_offscreen_gl() -> None:
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 
+setup_offscreen_gl()   # mujoco picks its GL backend when first imported
+
+
 def _metaworld():
     setup_offscreen_gl()
     try:

@@ -26,8 +26,6 @@ import numpy as np
 from totobench.errors import TotobenchError
 
 FEATURE_CODE_VERSION = "1"  # bump when extraction or pooling changes what a key's bytes mean
-
-
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 

@@ -62,6 +62,11 @@ def init_from_env(device: torch.device) -> tuple[DistInfo, torch.device]:
         return _STATE, device
     if dist.is_initialized():
         return _STATE, device
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        from totobench.errors import ConfigError
+        raise ConfigError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start multi-process runs "
+                          f"with `torchrun --nproc_per_node=N -m totobench run ...`")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -528,7 +528,7 @@ def pretrain(cfg: dict, out: Path, resume: bool = False, console=None, command: 
     console = console if dist.main else None
     mc = model_cfg(cfg)
     seed, t = int(cfg["seed"]), cfg["train"]
-    state_dir = Path(cfg.get("state_dir") or out / "train_state")
+    state_dir = Path(cfg.get("state_dir") or out / "train_state").expanduser()
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         state_dir.mkdir(parents=True, exist_ok=True)

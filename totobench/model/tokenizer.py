@@ -69,12 +69,22 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("codebook", codebook)
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("embed_sum", codebook.clone())
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """z [M, D] -> ids [M] of the closest codebook vectors (squared L2)."""
         dist = (z.pow(2).sum(1, keepdim=True) - 2 * z @ self.codebook.t()
                 + self.codebook.pow(2).sum(1)[None, :])
         return dist.argmin(1)
+
+    @torch.no_grad()
+    def initialize(self, z: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent start: every code begins on a random vector of z [M, D]."""
+        pick = torch.randint(0, z.shape[0], (self.codebook.shape[0],), generator=generator)
+        self.codebook.copy_(z[pick])
+        self.embed_sum.copy_(z[pick])
+        self.cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
 
     @torch.no_grad()
     def update(self, z: torch.Tensor, ids: torch.Tensor, generator: torch.Generator | None = None) -> int:
@@ -186,6 +196,8 @@ class VisualTokenizer(nn.Module):
         z = self.encode_latents(frames)
         n, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if self.training and not bool(self.quantizer.initialized):
+            self.quantizer.initialize(flat.detach(), generator)
         ids = self.quantizer.nearest(flat.detach())
         restarts = self.quantizer.update(flat.detach(), ids, generator) if self.training else 0
         zq = self.quantizer.codebook[ids].view(n, h, w, d).permute(0, 3, 1, 2)

@@ -111,7 +111,7 @@ class AttentiveProbeGrid:
         self.layers = list(layers)
         self.hparams = [(float(lr), float(wd)) for lr in lrs for wd in wds]
         self.config = {"layers": self.layers, "dim": dim, "num_classes": num_classes, "hparams": self.hparams,
-                       "num_heads": num_heads, "seed": seed}
+                       "num_heads": num_heads, "total_steps": total_steps, "warmup_steps": warmup_steps, "seed": seed}
         self.num_classes, self.device = num_classes, device
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         generator = torch.Generator().manual_seed(seed)

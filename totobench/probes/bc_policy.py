@@ -52,10 +52,19 @@ def train_bc_policy(inputs: torch.Tensor | np.ndarray, actions: torch.Tensor | n
     y = torch.as_tensor(actions, dtype=torch.float32)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"inputs [N, D] and actions [N, A] with N > 0 expected, got {list(x.shape)} and {list(y.shape)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # batch-64 steps of a small MLP: more threads only wait on each other
+    try:
+        return _fit(x, y, tuple(hidden), epochs, lr, weight_decay, batch_size, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(x, y, hidden, epochs, lr, weight_decay, batch_size, seed) -> tuple[BCPolicy, dict]:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        policy = BCPolicy(x.shape[1], y.shape[1], tuple(hidden))
+        policy = BCPolicy(x.shape[1], y.shape[1], hidden)
     policy.mean.copy_(x.mean(0))
     policy.std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
     n = x.shape[0]

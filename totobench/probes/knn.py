@@ -11,7 +11,7 @@ import torch
 
 from totobench.errors import ConfigError
 from totobench.metrics.classification import topk_correct
-from totobench.probes.grid import holdout_split
+from totobench.probes.grid import gather_rows, holdout_split
 
 
 def _normalised(features) -> np.ndarray:
@@ -77,8 +77,8 @@ def fit_knn_layers(train: dict, train_labels, val: dict, val_labels, num_classes
     ks = sorted(set(int(k) for k in ks))
     out = {}
     for layer, feats in train.items():
-        feats = feats if isinstance(feats, torch.Tensor) else torch.from_numpy(np.asarray(feats))
-        held = knn_classify(feats[fit_idx], train_labels[fit_idx], feats[holdout_idx], num_classes, ks, temperature)
+        held = knn_classify(gather_rows(feats, fit_idx), train_labels[fit_idx], gather_rows(feats, holdout_idx),
+                            num_classes, ks, temperature)
         select = {k: topk_correct(held[k], train_labels[holdout_idx], (1,))[1] / len(holdout_idx) for k in ks}
         best_k = max(ks, key=lambda k: (select[k], -k))
         scores = knn_classify(feats, train_labels, val[layer], num_classes, (best_k,), temperature)[best_k]

@@ -1,0 +1,1 @@
+"""Dataset readers in the real on-disk formats and the embedded data world generator."""

@@ -1,0 +1,1 @@
+"""One-pass multi-layer feature extraction, pooling and the on-disk feature cache."""

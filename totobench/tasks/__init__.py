@@ -1,0 +1,1 @@
+"""Task classes (one per task kind, registered by name) and task YAML loading."""

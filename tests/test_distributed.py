@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from totobench.cli import main
-from totobench.features.extract import plan_chunks
+from totobench.features.cache import FeatureCache
+from totobench.features.extract import extract_features, plan_chunks, run_extraction_job
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -27,7 +28,7 @@ def _one_thread():
 
 
 def _run_args(world, checkpoint):
-    # 48 train / 32 val images in batches of 8: 6 and 4 batches, split 3+3 and 2+2 between 2 ranks
+    # 48 train / 32 val images in batches of 8: 6 and 4 batches (chunks), 3+3 and 2+2 per rank
     return ["run", "--model", str(checkpoint), "--tasks", "imagenet-linear", "--layers", "0,-1", "--quick",
             "--set", "probe.holdout=0.3", "--set", "batch_size=8", "--data-root", str(world)]
 
@@ -36,14 +37,38 @@ def _npy_hashes(folder):
     return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.npy")}
 
 
-def test_plan_chunks_are_whole_batches_shared_by_ranks(monkeypatch):
+def test_plan_chunks_are_whole_batches_independent_of_the_world_size(monkeypatch):
     monkeypatch.setenv("TOTOBENCH_CHUNK_BATCHES", "8")
-    assert plan_chunks(48, 8, 1) == [(0, 48)]
-    assert plan_chunks(48, 8, 2) == [(0, 24), (24, 48)]
-    assert plan_chunks(50, 8, 2) == [(0, 32), (32, 50)]          # 7 batches: 4 + 3
-    assert plan_chunks(5, 8, 4) == [(0, 5)]                      # one batch cannot be split
+    assert plan_chunks(48, 8) == [(i, i + 8) for i in range(0, 48, 8)]   # 6 batches: one chunk each
+    assert plan_chunks(5, 8) == [(0, 5)]                                   # one batch cannot be split
+    assert plan_chunks(20 * 64 + 3, 64)[:2] == [(0, 192), (192, 384)]      # 21 batches: 3 per chunk
+    assert plan_chunks(100 * 64, 64)[-1] == (96 * 64, 100 * 64)            # 100 batches: capped at 8
     monkeypatch.setenv("TOTOBENCH_CHUNK_BATCHES", "2")
-    assert plan_chunks(40, 8, 1) == [(0, 16), (16, 32), (32, 40)]
+    assert len(plan_chunks(100 * 64, 64)) == 50
+
+
+def test_chunks_another_rank_committed_are_reused_by_one_process(micro_checkpoint, tmp_path, monkeypatch):
+    """A torchrun run killed after rank 1 committed its chunks resumes in one process without them."""
+    from totobench.features.extract import Indexed
+    from totobench.model.registry import load_backbone
+    backbone = load_backbone(str(micro_checkpoint))
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(1, 3, 64, 64, generator=g), i % 2) for i in range(16)]
+    kwargs = dict(kind="image", pooling="mean", key_parts={"dataset": "d"}, batch_size=2)
+    job = {"op": "extract", "items": Indexed(data), "layers": [0, 3], "kind": "image", "pooling": "mean",
+           "base": {"dataset": "d", "checkpoint": backbone.sha256, "pooling": "mean"},
+           "chunks": plan_chunks(16, 2), "batch_size": 2, "num_workers": 0, "cache_root": str(tmp_path / "a"),
+           "desc": "rank 1"}
+    assert run_extraction_job(backbone, job, torch.device("cpu"), rank=1, world_size=2) == {"computed": 4, "reused": 0}
+    seen = []
+    forward = type(backbone).forward_frames
+    monkeypatch.setattr(type(backbone), "forward_frames",
+                        lambda self, frames, layers, kind: seen.append(len(frames)) or forward(self, frames, layers, kind))
+    resumed = extract_features(backbone, data, [0, 3], cache=FeatureCache(tmp_path / "a"), **kwargs)
+    assert sum(seen) == 8                                   # rank 0's half only
+    reference = extract_features(backbone, data, [0, 3], cache=FeatureCache(tmp_path / "b"), **kwargs)
+    for layer in (0, 3):
+        assert resumed.feats[layer].tobytes() == reference.feats[layer].tobytes()
 
 
 @pytest.mark.timeout(300)
@@ -55,8 +80,9 @@ def test_torchrun_two_processes_equals_one_process(tiny_world, micro_checkpoint,
                            "-m", "totobench", *args, "--out", str(tmp_path / "two")],
                           env=env, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
-    # each rank extracted one chunk of each split
-    assert proc.stdout.count("chunks computed per rank [1, 1]") == 2, proc.stdout[-1500:]
+    # the ranks shared the chunks: 6 train batches (3 + 3), 4 val batches (2 + 2)
+    assert "imagenet-linear train: chunks computed per rank [3, 3]" in proc.stdout, proc.stdout[-1500:]
+    assert "imagenet-linear val: chunks computed per rank [2, 2]" in proc.stdout, proc.stdout[-1500:]
 
     home1 = tmp_path / "home-1proc"
     monkeypatch.setenv("TOTOBENCH_HOME", str(home1))

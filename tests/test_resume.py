@@ -68,15 +68,16 @@ def _extract(backbone, cache, data, transform="t", layers=(0, 3)):
 
 
 def test_crash_mid_split_resumes_at_the_first_missing_chunk(backbone, tmp_path, monkeypatch):
-    monkeypatch.setenv("TOTOBENCH_CHUNK_BATCHES", "2")   # chunks of 8 items: [0,8) [8,16) [16,20)
-    reference = _extract(backbone, FeatureCache(tmp_path / "ref"), Frames(20))
+    # 40 items, batches of 4: 10 batches, 2 per chunk: [0,8) [8,16) [16,24) [24,32) [32,40)
+    monkeypatch.setenv("TOTOBENCH_CHUNK_BATCHES", "2")
+    reference = _extract(backbone, FeatureCache(tmp_path / "ref"), Frames(40))
     cache = FeatureCache(tmp_path / "cache")
     with pytest.raises(RuntimeError, match="killed"):
-        _extract(backbone, cache, Frames(20, fail_at=13))
+        _extract(backbone, cache, Frames(40, fail_at=21))
     assert not list(cache.root.glob(".*")), "a temporary file was left behind"
     seen = _counting(backbone, monkeypatch)
-    resumed = _extract(backbone, cache, Frames(20))
-    assert sum(seen) == 12                                 # only chunks [8,16) and [16,20) again
+    resumed = _extract(backbone, cache, Frames(40))
+    assert sum(seen) == 24                                 # only chunks [16,24) [24,32) [32,40) again
     for layer in (0, 3):
         np.testing.assert_array_equal(resumed.feats[layer], reference.feats[layer])
     np.testing.assert_array_equal(resumed.labels, reference.labels)
@@ -158,7 +159,7 @@ def test_sigkill_during_extraction_then_rerun_gives_the_uninterrupted_result(tin
         while not list(features.glob("*.record.json")):      # the first committed chunk of train
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline
-            time.sleep(0.05)
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()

@@ -117,6 +117,13 @@ def read_kinetics_csv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
     """Rows {label (None in test files), youtube_id, time_start, time_end} of a Kinetics CSV,
     and [(file:line, message)] for malformed rows. Raises DataError when a column is missing."""
     rows, bad = [], []
+    try:
+        return _read_kinetics_rows(path, rows, bad)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start})") from None
+
+
+def _read_kinetics_rows(path: Path, rows: list, bad: list) -> tuple[list[dict], list[tuple[str, str]]]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, skipinitialspace=True)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -131,7 +138,7 @@ def read_kinetics_csv(path: Path) -> tuple[list[dict], list[tuple[str, str]]]:
                              "youtube_id": row["youtube_id"].strip(),
                              "time_start": int(float(row["time_start"])),
                              "time_end": int(float(row["time_end"]))})
-            except (TypeError, ValueError, AttributeError):
+            except (TypeError, ValueError, AttributeError, OverflowError):
                 bad.append((f"{path}:{reader.line_num}", "time_start/time_end must be numbers, "
                             f"got {row.get('time_start')!r}, {row.get('time_end')!r}"))
     return rows, bad

@@ -49,11 +49,23 @@ def setup_offscreen_gl() -> None:
     os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
 
+def preload_triton() -> None:
+    """Import triton (if installed) before mujoco: triton bundles its own LLVM, and importing it
+    after OSMesa's llvmpipe is loaded segfaults. torch imports triton lazily (the first optimizer,
+    torch.compile), so without this a BC fit after a rollout would crash the process."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 (absent or broken: torch then never loads it either)
+        pass
+
+
 setup_offscreen_gl()   # mujoco picks its GL backend when first imported
+preload_triton()
 
 
 def _metaworld():
     setup_offscreen_gl()
+    preload_triton()
     try:
         import metaworld  # noqa: F401
         import mujoco  # noqa: F401

@@ -161,7 +161,7 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
     shared = rank_info.active and distributed.picklable(items)
     world = rank_info.world_size if shared else 1
     job = {"op": "extract", "items": items, "layers": missing, "kind": kind, "pooling": pooling,
-           "base": base, "chunks": plan_chunks(n, batch_size, world), "batch_size": batch_size,
+           "base": base, "chunks": plan_chunks(n, batch_size), "batch_size": batch_size,
            "num_workers": num_workers, "cache_root": str(cache.root), "desc": desc}
     cache.remove_stale_temp()
     if shared:
@@ -185,12 +185,16 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
     return _assemble(cache, job, keys, meta_key, feats, n, backbone.dim)
 
 
-def plan_chunks(n: int, batch_size: int, world_size: int = 1) -> list[tuple[int, int]]:
-    """[(start, stop)] item ranges made of whole batches of `batch_size` (so every rank sees the
-    batches one process would), at most CHUNK_BATCHES batches each and enough chunks for
-    every rank to get one."""
+MIN_CHUNKS = 8  # a split is cut in at least this many chunks (when it has the batches): work for 8 ranks
+
+
+def plan_chunks(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[(start, stop)] item ranges made of whole batches of `batch_size`, at most
+    chunk_batches() batches each, and at least MIN_CHUNKS of them when there are that many
+    batches. Whole batches: every rank sees the batches one process would, so the numbers are
+    the same; independent of the world size: a run killed under torchrun resumes in one process."""
     num_batches = -(-n // batch_size)
-    per = max(1, min(chunk_batches(), -(-num_batches // max(1, world_size))))
+    per = max(1, min(chunk_batches(), -(-num_batches // MIN_CHUNKS)))
     return [(b * batch_size, min(n, (b + per) * batch_size)) for b in range(0, num_batches, per)]
 
 

@@ -758,7 +758,7 @@ Rajasegaran et al. 2025, scaled down to a 2-core CPU), pre-trained by next-token
 | parameters | {f['parameters']:,} |
 | vocabulary | {mc.codebook_size} codes + image start, video start, end = {mc.vocab_size} |
 | frames | {mc.resolution} px, 8x downsampling: {mc.tokens_per_frame} tokens per frame, raster order |
-| sequences | video: {mc.num_frames} frames, every {mc.frame_stride}th; images: {mc.images_per_sequence} per sequence |
+| sequences | video clips of {mc.num_frames} frames taken every {mc.frame_stride} frames; {mc.images_per_sequence} images per image sequence; start token per kind + end token |
 | steps / tokens seen | {f['steps']} of {f['steps_planned']} planned / {f['tokens_seen']:,} |
 | wall time | {mins:.1f} min in total (tokenizer {tk['wall_time_s'] / 60:.1f}, tokenizing the corpus {(f['tokenize_wall_time_s'] or 0) / 60:.1f}, transformer {f['train_wall_time_s'] / 60:.1f}); {f['processes']} process(es) x {f['threads_per_process']} thread(s), CPU fp32 |
 | final train loss | {f['final_train_loss']:.4f} nats/token (mean of the last 5 logged: {f['final_train_loss_mean_last5_logged']:.4f}) |

@@ -107,6 +107,12 @@ def _read_yaml(path: Path) -> dict:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, expected a YAML file") from None
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -120,7 +126,10 @@ def _read_yaml(path: Path) -> dict:
 
 def load_yaml_with_includes(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read one task YAML and everything it includes, merged (including file wins)."""
-    path = path.resolve()
+    try:
+        path = path.resolve()
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path!s:.200}: not a usable file name ({err})") from None
     if path in _seen:
         raise ConfigError(f"{path}: include cycle ({' -> '.join(p.name for p in _seen + (path,))})")
     data = _read_yaml(path)
@@ -199,7 +208,8 @@ def apply_overrides(cfg: dict, task_name: str, overrides: list[str]) -> dict:
     dotted path into every task's config.
     """
     cfg = dict(cfg)
-    fmt = cfg.get("dataset", {}).get("format")
+    dataset = cfg.get("dataset")
+    fmt = dataset.get("format") if isinstance(dataset, dict) else None
     for text in overrides:
         parts, value = parse_override(text)
         head = parts[0]

@@ -35,7 +35,7 @@ quick: setup
 	$(TB) run --model toto-tiny --tasks all --layers all --quick --out results-quick
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -x --timeout 600
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q --timeout 900
 
 bench: setup
 	$(VENV)/bin/python benchmarks/report.py

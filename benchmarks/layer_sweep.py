@@ -29,7 +29,7 @@ from totobench.model.tokenizer import VisualTokenizer
 from totobench.paths import checkpoints_dir
 
 # model -> (kind, clips or images per batch, frames per item): a small batch of each model's input
-SHAPES = {"toto-tiny": ("video", 4, 8), "toto-base": ("image", 4, 1)}
+SHAPES = {"toto-tiny": ("video", 4, 8), "toto-base": ("image", 2, 1)}
 
 
 def make_backbone(name: str) -> tuple[Backbone, str]:

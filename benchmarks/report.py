@@ -50,6 +50,7 @@ SCRIPT_ARGS = {
 # scripts whose figures are a plain-text table at the end of their output: its last lines
 FIGURES_TAIL = {"raw_pixel_baselines.py": 7}
 TARGETS_S = {"full": 15 * 60, "quick": 2 * 60}
+GLANCE_LINE = re.compile(r"(?i)\bratio\b|speed-?up|\bx\s?\d+(?:\.\d+)?\s+vs\b")
 FIGURE_LINE = re.compile(r"(?i)\bratio\b|speed-?up|\d(?:\.\d+)?x\b|\bx\s?\d|top-?1|[│┃]")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -186,6 +187,7 @@ def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | N
             record.update(status="failed", error=f"data world: {type(err).__name__}: {err}")
             return record
         results = tmp / "results"
+        data_before = data_files(home / "data")
         totobench = Path(PYTHON).with_name("totobench")
         cmd = ([str(totobench)] if totobench.exists() else [PYTHON, "-m", "totobench"]) + args + ["--out", str(results)]
         stats_path, log_path = tmp / "stats.json", tmp / "run.log"
@@ -215,6 +217,7 @@ def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | N
             record["status"] = "ok" if stats["rc"] == 0 else "failed"
             if stats["rc"] != 0:
                 record.update(error=lines[-1] if lines else f"exit code {stats['rc']}", tail=lines[-15:])
+        record["data_created"] = sorted(str(p) for p in data_files(home / "data") - data_before)
         record["tasks"] = task_summaries(results)
         record["cache_mb"] = folder_mb(home / "features")
     return record
@@ -233,6 +236,14 @@ def task_summaries(results: Path) -> list[dict]:
         except (OSError, ValueError, KeyError, TypeError) as err:
             rows.append({"task": path.stem, "error": f"unreadable result: {err}"})
     return rows
+
+
+def data_files(data: Path) -> set[Path]:
+    """Files under the (symlinked) data folder, relative to it: to see what a run generated there."""
+    if not data.exists():
+        return set()
+    root = data.resolve()
+    return {p.relative_to(root) for p in root.rglob("*") if p.is_file()}
 
 
 def folder_mb(path: Path) -> float:
@@ -259,6 +270,23 @@ def render_markdown(state: dict, regenerate: str) -> str:
             "(`--skip-full` skips the slow end-to-end run, `--skip-e2e` both end-to-end runs, "
             "`--only-e2e` the benchmark scripts; see `--help`). Sections not re-run keep the figures "
             "of their last run (from benchmarks/REPORT.json) and show when they were measured.", ""]
+    if state.get("notes"):
+        out += ["## Notes", "", *[f"- {n['text']} ({n['written']})" for n in state["notes"]], ""]
+    glance = [(name, line.strip()) for name, b in sorted(state.get("benchmarks", {}).items())
+              for line in b.get("figures", []) if GLANCE_LINE.search(line)]
+    e2e = state.get("e2e", {})
+    if glance or e2e:
+        out += ["## At a glance", ""]
+        for mode in ("full", "quick"):
+            r = e2e.get(mode)
+            if r is not None:
+                result = (f"{_fmt_s(r.get('wall_s'))}, peak RSS {r.get('max_rss_mb', 0):.0f} MB" if r["status"] == "ok"
+                          else f"{r['status']}: {r.get('error', '')}")
+                out.append(f"- end to end `{mode}` ({r.get('model')}): {result} (target < {_fmt_s(r['target_s'])})")
+        out += [f"- {name}: `{line}`" for name, line in glance]
+        if any(b.get("figures") for b in state.get("benchmarks", {}).values()):
+            out.append("- result tables (e.g. forward.py's ours/transformers ratio): under Benchmark scripts below")
+        out.append("")
     out += ["## Machine", "",
             f"- CPU: {m.get('cpu')}, {m.get('cores')} cores ({m.get('cores_usable')} usable by this process)",
             f"- RAM: {m.get('ram_gb', 0) or 0:.1f} GiB",
@@ -268,7 +296,6 @@ def render_markdown(state: dict, regenerate: str) -> str:
             "so every figure below is slowed by other work; each section records the load around it and ratios "
             "are measured side by side in one process to cancel most of it.", ""]
 
-    e2e = state.get("e2e", {})
     out += ["## End to end", ""]
     if not e2e:
         out += ["Not measured yet (run without `--skip-e2e`).", ""]
@@ -296,6 +323,10 @@ def render_markdown(state: dict, regenerate: str) -> str:
             r = e2e.get(mode)
             if r is None:
                 continue
+            if r.get("data_created"):
+                shown = ", ".join(f"`{p}`" for p in r["data_created"][:6])
+                out += [f"Note ({mode}): this run generated {len(r['data_created'])} file(s) in the shared data folder "
+                        f"(so their generation is inside its wall time): {shown}", ""]
             if r.get("error"):
                 out += [f"**{mode}: {r['status']}** — {r['error']}", ""]
                 if r.get("tail"):
@@ -354,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick-timeout", type=float, default=900, help="seconds for the --quick run")
     parser.add_argument("--full-timeout", type=float, default=3600, help="seconds for the full run")
     parser.add_argument("--fresh", action="store_true", help="do not keep sections of the previous REPORT.json")
+    parser.add_argument("--note", help="a line to add under Notes (e.g. why a part was not run)")
     parser.add_argument("--out", type=Path, default=HERE / "REPORT.md")
     args = parser.parse_args(argv)
 
@@ -369,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     state.setdefault("benchmarks", {})
     state.setdefault("e2e", {})
     state["machine"] = machine_info()
+    if args.note:
+        state.setdefault("notes", []).append({"text": args.note, "written": now_utc()})
     print(f"machine: {state['machine']}", flush=True)
 
     def save():

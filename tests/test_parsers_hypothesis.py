@@ -32,13 +32,6 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
 mappings = st.dictionaries(keys, values, max_size=6)
 
 
-def xfail_if_known_bugs(bugs: set[str]) -> None:
-    """Bugs found in files this test's author does not own, reported with a fix: the property
-    still ran on every example; the test xfails until they are fixed, then simply passes."""
-    if bugs:
-        pytest.xfail("known bug(s), fix proposed: " + "; ".join(sorted(bugs)))
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("parsers")
@@ -50,42 +43,26 @@ def _write(folder: Path, name: str, data: str | bytes) -> Path:
     return path
 
 
-def test_task_yaml_reader_raises_only_config_error(folder):
-    bugs = set()
-
-    @SETTINGS
-    @given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200),
-                          mappings.map(lambda m: yaml.safe_dump(m, allow_unicode=True))))
-    def check(text):
-        path = _write(folder, "task.yaml", text)
-        try:
-            assert isinstance(load_yaml_with_includes(path), dict)
-        except ConfigError:
-            pass
-        except UnicodeDecodeError:
-            bugs.add("tasks/config.py _read_yaml: a non-UTF-8 task file raises UnicodeDecodeError")
-    check()
-    xfail_if_known_bugs(bugs)
+@SETTINGS
+@given(text=st.one_of(st.text(max_size=200), st.binary(max_size=200),
+                      mappings.map(lambda m: yaml.safe_dump(m, allow_unicode=True))))
+def test_task_yaml_reader_raises_only_config_error(folder, text):
+    path = _write(folder, "task.yaml", text)
+    try:
+        assert isinstance(load_yaml_with_includes(path), dict)
+    except ConfigError:
+        pass
 
 
-def test_includes_of_any_shape_raise_only_config_error(folder):
-    bugs = set()
-
-    @SETTINGS
-    @given(include=st.one_of(values, st.sampled_from(["", ".", "_part.yaml", "x" * 300, "a\x00b"])),
-           body=mappings)
-    def check(include, body):
-        _write(folder, "_part.yaml", yaml.safe_dump(body))
-        path = _write(folder, "top.yaml", yaml.safe_dump({"include": include, "main_metric": "top1"}))
-        try:
-            assert isinstance(load_yaml_with_includes(path), dict)
-        except ConfigError:
-            pass
-        except (OSError, ValueError):
-            bugs.add("tasks/config.py _read_yaml: an include naming a folder (`include: ''`), a too long "
-                     "name or one with a NUL byte raises IsADirectoryError/OSError/ValueError")
-    check()
-    xfail_if_known_bugs(bugs)
+@SETTINGS
+@given(include=st.one_of(values, st.sampled_from(["", ".", "_part.yaml", "x" * 300, "a\x00b"])), body=mappings)
+def test_includes_of_any_shape_raise_only_config_error(folder, include, body):
+    _write(folder, "_part.yaml", yaml.safe_dump(body))
+    path = _write(folder, "top.yaml", yaml.safe_dump({"include": include, "main_metric": "top1"}))
+    try:
+        assert isinstance(load_yaml_with_includes(path), dict)
+    except ConfigError:
+        pass
 
 
 @SETTINGS
@@ -97,26 +74,17 @@ def test_validate_task_config_raises_only_config_error(cfg):
         pass
 
 
-def test_apply_overrides_raises_only_config_error():
-    bugs = set()
-
-    @SETTINGS
-    @given(cfg=mappings, task=st.sampled_from(["imagenet", "mine", ""]),
-           overrides=st.lists(st.one_of(st.text(max_size=30), st.tuples(
-               st.sampled_from(["dataset.root", "probe.epochs", "imagenet.root", "k400.root", "mine.seed",
-                                "a..b", "."]), st.text(max_size=10)).map("=".join)), max_size=4))
-    def check(cfg, task, overrides):
-        try:
-            assert isinstance(apply_overrides(cfg, task, overrides), dict)
-        except ConfigError:
-            pass
-        except AttributeError:
-            if isinstance(cfg.get("dataset", {}), dict):
-                raise
-            bugs.add("tasks/config.py apply_overrides: `dataset:` that is not a mapping (e.g. left empty) "
-                     "raises AttributeError before validate_task_config can say so")
-    check()
-    xfail_if_known_bugs(bugs)
+@SETTINGS
+@given(cfg=st.one_of(mappings, st.fixed_dictionaries({"dataset": values}, optional={"probe": values})),
+       task=st.sampled_from(["imagenet", "mine", ""]),
+       overrides=st.lists(st.one_of(st.text(max_size=30), st.tuples(
+           st.sampled_from(["dataset.root", "probe.epochs", "imagenet.root", "k400.root", "mine.seed",
+                            "a..b", "."]), st.text(max_size=10)).map("=".join)), max_size=4))
+def test_apply_overrides_raises_only_config_error(cfg, task, overrides):
+    try:
+        assert isinstance(apply_overrides(cfg, task, overrides), dict)
+    except ConfigError:
+        pass
 
 
 # STA annotation files: arbitrary JSON, and files close to the real layout with any field broken
@@ -157,24 +125,15 @@ cells = st.one_of(st.text(max_size=8), st.sampled_from(["", "1", "2.5", "-3", "1
 csv_rows = st.lists(st.lists(cells, max_size=6).map(",".join), max_size=6)
 
 
-def test_read_kinetics_csv_raises_only_data_error(folder):
-    bugs = set()
-
-    @SETTINGS
-    @given(header=st.one_of(st.just("label,youtube_id,time_start,time_end,split"), st.text(max_size=40)),
-           rows=csv_rows, tail=st.one_of(st.just(""), st.text(max_size=30), st.binary(max_size=30)))
-    def check(header, rows, tail):
-        body = "\n".join([header, *rows]).encode("utf-8", "surrogatepass")
-        tail = tail if isinstance(tail, bytes) else tail.encode("utf-8", "surrogatepass")
-        path = _write(folder, "val.csv", body + tail)
-        try:
-            rows_out, bad = read_kinetics_csv(path)
-            assert isinstance(rows_out, list) and isinstance(bad, list)
-        except DataError:
-            pass
-        except OverflowError:
-            bugs.add("data/kinetics.py read_kinetics_csv: time_start=1e400 raises OverflowError")
-        except UnicodeDecodeError:
-            bugs.add("data/kinetics.py read_kinetics_csv: a non-UTF-8 byte raises UnicodeDecodeError")
-    check()
-    xfail_if_known_bugs(bugs)
+@SETTINGS
+@given(header=st.one_of(st.just("label,youtube_id,time_start,time_end,split"), st.text(max_size=40)),
+       rows=csv_rows, tail=st.one_of(st.just(""), st.text(max_size=30), st.binary(max_size=30)))
+def test_read_kinetics_csv_raises_only_data_error(folder, header, rows, tail):
+    body = "\n".join([header, *rows]).encode("utf-8", "surrogatepass")
+    tail = tail if isinstance(tail, bytes) else tail.encode("utf-8", "surrogatepass")
+    path = _write(folder, "val.csv", body + tail)
+    try:
+        rows_out, bad = read_kinetics_csv(path)
+        assert isinstance(rows_out, list) and isinstance(bad, list)
+    except DataError:
+        pass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import fcntl
 import json
 import os
 import platform
@@ -70,6 +71,17 @@ with open(out_path, "w") as f:
 
 def now_utc() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def seconds_until(hh_mm: str) -> float:
+    """Seconds from now to the next HH:MM UTC (today's, or 0 if it is past by less than 12 hours)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    hour, minute = (int(x) for x in hh_mm.split(":"))
+    target = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+    left = (target - now).total_seconds()
+    if left < -12 * 3600:
+        left += 24 * 3600
+    return max(0.0, left)
 
 
 def load_average() -> str:
@@ -207,7 +219,9 @@ def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | N
         lines = [line.rstrip() for line in output.splitlines() if line.strip()]
         record["load_after"] = load_average()
         if timed_out:
-            record.update(status="timeout", error=f"did not finish within {timeout_s:.0f} s (killed)",
+            done = len(list(results.glob("*/*.json")))
+            record.update(status="timeout", error=f"did not finish within {timeout_s:.0f} s (killed; "
+                                                  f"{done} task result file(s) written by then)",
                           wall_s=timeout_s, tail=lines[-15:])
         elif not stats_path.exists():
             record.update(status="failed", error="the timing wrapper wrote no figures", tail=lines[-15:])
@@ -315,7 +329,8 @@ def render_markdown(state: dict, regenerate: str) -> str:
             within = "yes" if r["status"] == "ok" and r.get("wall_s", 1e9) < r["target_s"] else "no"
             cpu = (r.get("user_s") or 0) + (r.get("sys_s") or 0)
             rss = f"{r['max_rss_mb']:.0f} MB" if r.get("max_rss_mb") else "-"
-            out.append(f"| `{r['command']}` | {r['status']} | {_fmt_s(r.get('wall_s'))} | {_fmt_s(r['target_s'])} | "
+            wall = ("> " if r["status"] == "timeout" else "") + _fmt_s(r.get("wall_s"))
+            out.append(f"| `{r['command']}` | {r['status']} | {wall} | {_fmt_s(r['target_s'])} | "
                        f"{within} | {_fmt_s(cpu) if cpu else '-'} | {rss} | {r.get('cache_mb', 0):.0f} MB | "
                        f"{r['load_before']} → {r.get('load_after', '?')} | {r['measured']} |")
         out.append("")
@@ -323,6 +338,8 @@ def render_markdown(state: dict, regenerate: str) -> str:
             r = e2e.get(mode)
             if r is None:
                 continue
+            if r.get("note"):
+                out += [f"Note ({mode}): {r['note']}", ""]
             if r.get("data_created"):
                 shown = ", ".join(f"`{p}`" for p in r["data_created"][:6])
                 out += [f"Note ({mode}): this run generated {len(r['data_created'])} file(s) in the shared data folder "
@@ -360,6 +377,8 @@ def render_markdown(state: dict, regenerate: str) -> str:
         out += [f"### {name}", ""]
         if b["status"] != "ok":
             out += [f"**{b['status']}**: {b.get('error', '')}", ""]
+        if b.get("note"):
+            out += [f"Note: {b['note']}", ""]
         if b.get("figures"):
             out += ["```", *b["figures"], "```", ""]
         out += ["<details><summary>full output</summary>", "", "```", *b["output"].rstrip().splitlines()[-80:],
@@ -384,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1500, help="seconds per benchmark script")
     parser.add_argument("--quick-timeout", type=float, default=900, help="seconds for the --quick run")
     parser.add_argument("--full-timeout", type=float, default=3600, help="seconds for the full run")
+    parser.add_argument("--deadline", help="HH:MM (UTC): end-to-end runs get at most until then (killed and "
+                                           "reported as not finished); a run with under 60 s left is skipped")
     parser.add_argument("--fresh", action="store_true", help="do not keep sections of the previous REPORT.json")
     parser.add_argument("--note", help="a line to add under Notes (e.g. why a part was not run)")
     parser.add_argument("--out", type=Path, default=HERE / "REPORT.md")
@@ -392,23 +413,35 @@ def main(argv: list[str] | None = None) -> int:
     regenerate = ".venv/bin/python benchmarks/report.py" + "".join(
         f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     state_path = args.out.with_suffix(".json")
-    state = {}
-    if state_path.exists() and not args.fresh:
-        try:
-            state = json.loads(state_path.read_text())
-        except ValueError:
-            state = {}
-    state.setdefault("benchmarks", {})
-    state.setdefault("e2e", {})
-    state["machine"] = machine_info()
+    # what this run measured; merged into the file's sections at every save (under a lock), so two
+    # report.py runs at once (e.g. --only-e2e next to --skip-e2e) keep each other's sections
+    mine = {"benchmarks": {}, "e2e": {}, "notes": []}
     if args.note:
-        state.setdefault("notes", []).append({"text": args.note, "written": now_utc()})
-    print(f"machine: {state['machine']}", flush=True)
+        mine["notes"].append({"text": args.note, "written": now_utc()})
+    machine = machine_info()
+    print(f"machine: {machine}", flush=True)
 
     def save():
-        state["written"] = now_utc()
-        write_atomic(state_path, json.dumps(state, indent=1))
-        write_atomic(args.out, render_markdown(state, regenerate))
+        folder = os.open(args.out.parent, os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            state = {}
+            if state_path.exists() and not (args.fresh and not save.done):
+                try:
+                    state = json.loads(state_path.read_text())
+                except ValueError:
+                    state = {}
+            for section in ("benchmarks", "e2e"):
+                state[section] = {**state.get(section, {}), **mine[section]}
+            notes = state.get("notes", [])
+            state["notes"] = notes + [n for n in mine["notes"] if n not in notes]
+            state["machine"], state["written"] = machine, now_utc()
+            write_atomic(state_path, json.dumps(state, indent=1))
+            write_atomic(args.out, render_markdown(state, regenerate))
+            save.done = True
+        finally:
+            os.close(folder)  # also releases the lock
+    save.done = False
 
     if not args.only_e2e:
         scripts = benchmark_scripts()
@@ -423,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             script_args = SCRIPT_ARGS.get(script.name, {}).get("smoke" if args.smoke else "full", [])
             print(f"[{now_utc()}] {script.name} {' '.join(script_args)} (limit {args.timeout:.0f} s)", flush=True)
             record = run_benchmark(script, script_args, args.timeout)
-            state["benchmarks"][script.name] = record
+            mine["benchmarks"][script.name] = record
             print(f"  {record['status']} in {record['seconds']:.0f} s" + (f": {record['error']}" if record.get("error") else ""))
             for line in record["figures"]:
                 print("  " + line)
@@ -432,9 +465,17 @@ def main(argv: list[str] | None = None) -> int:
         modes = ["quick"] + ([] if args.skip_full else ["full"])
         for mode in modes:
             timeout = args.quick_timeout if mode == "quick" else args.full_timeout
+            if args.deadline:
+                left = seconds_until(args.deadline)
+                if left < 60:
+                    mine["notes"].append({"text": f"end to end `{mode}` not run: the --deadline {args.deadline} UTC "
+                                                  f"had passed", "written": now_utc()})
+                    save()
+                    continue
+                timeout = min(timeout, left)
             print(f"[{now_utc()}] end to end, {mode} (limit {timeout:.0f} s)", flush=True)
             record = run_end_to_end(args.model, mode == "quick", timeout)
-            state["e2e"][mode] = record
+            mine["e2e"][mode] = record
             print(f"  {record['status']}: wall {_fmt_s(record.get('wall_s'))}, peak RSS "
                   f"{record.get('max_rss_mb', 0):.0f} MB" + (f"; {record['error']}" if record.get("error") else ""),
                   flush=True)

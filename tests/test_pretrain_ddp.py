@@ -37,7 +37,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     assert main(["pretrain", "--config", str(cfg), "--out", str(one)]) == 0
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "totobench",
                            "pretrain", "--config", str(cfg), "--out", str(two)],
-                          cwd=REPO, capture_output=True, timeout=300)
+                          cwd=REPO, capture_output=True, timeout=900)  # generous: the machine is shared
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     a, b = _curve(one / "loss_curve.csv"), _curve(two / "loss_curve.csv")
     assert [r[:2] for r in a] == [r[:2] for r in b] and len(a) == 6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -64,3 +65,21 @@ def test_end_to_end_section_marks_the_target(report):
     row = next(line for line in md.splitlines() if line.startswith("| `totobench run --quick`"))
     assert "| 150 s (2.5 min) | 120 s (2.0 min) | no |" in row and "812 MB" in row
     assert "| imagenet | 100 | 8 | 3 | top1 = 0.2500 |" in md
+
+
+def test_partial_runs_keep_each_others_sections(report, tmp_path, monkeypatch):
+    scripts = tmp_path / "benchmarks"
+    scripts.mkdir()
+    write_script(scripts, "fast.py", "print('speed-up: 12.0x')\n")
+    write_script(scripts, "broken.py", "import sys\nsys.exit('cannot open checkpoint')\n")
+    monkeypatch.setattr(report, "HERE", scripts)
+    out = scripts / "REPORT.md"
+    assert report.main(["--skip-e2e", "--benchmarks", "fast", "--out", str(out)]) == 0
+    assert report.main(["--skip-e2e", "--benchmarks", "broken", "--out", str(out), "--note", "second run"]) == 0
+    state = json.loads(out.with_suffix(".json").read_text())
+    assert sorted(state["benchmarks"]) == ["broken.py", "fast.py"]
+    assert state["benchmarks"]["broken.py"]["error"] == "cannot open checkpoint"
+    md = out.read_text()
+    assert "- fast.py: `speed-up: 12.0x`" in md
+    assert "**failed**: cannot open checkpoint" in md and "- second run (" in md
+    assert report.main(["--skip-e2e", "--benchmarks", "nope", "--out", str(out)]) == 2

@@ -46,7 +46,7 @@ def test_bc_rejects_mismatched_inputs():
 
 
 def test_stack_context_repeats_first_frame():
-    feats = np.array([[[1.], [2.], [3.]], [[10.], [20.], [0.]]], np.float32)   # episode 2 has 2 steps
+    feats = np.array([[1.], [2.], [3.], [10.], [20.]], np.float32)   # episodes of 3 and 2 steps
     out = stack_context(feats, np.array([3, 2]), context=2)
     np.testing.assert_array_equal(out, [[1, 1], [1, 2], [2, 3], [10, 10], [10, 20]])
 
@@ -118,3 +118,15 @@ def test_settings_apply_quick_limits_and_check_resolution():
     from totobench.errors import ConfigError
     with pytest.raises(ConfigError, match="resolution"):
         RobotBC("robot", bad)._settings(ctx)
+
+
+@pytest.mark.parametrize("override, key", [("dataset.rollouts=0", "dataset.rollouts"),
+                                           ("input.context_frames=-1", "input.context_frames"),
+                                           ("probe.lrate=0.1", "probe.lrate")])
+def test_settings_name_the_bad_key(override, key):
+    from totobench.errors import ConfigError
+    from totobench.tasks.config import load_task_config
+    ctx = RunContext(backbone=FakeBackbone(), layers=[0], device=torch.device("cpu"), quick=False,
+                     data_root=None, artifacts_dir=None, cache=None, console=None)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        RobotBC("robot", load_task_config("robot", [override]))._settings(ctx)

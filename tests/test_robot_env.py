@@ -64,7 +64,8 @@ def test_frames_are_upright(env):
 def test_demos_are_cached(tmp_path):
     a, path = load_or_record_demos(tmp_path, "button-press-topdown", 2, 32, episode_length=30)
     assert path.exists() and a["frames"].shape[:2] == (2, 30)
-    assert (a["success_step"] >= 0).all() and (a["length"] <= a["success_step"] + 6).all()
+    assert a["success"].all() and (a["success_step"] >= 0).all()
+    assert (a["length"] == np.minimum(a["success_step"] + 6, 30)).all()   # 5 decisions past success
     assert np.abs(a["actions"]).max() <= 1.0
     b, path_b = load_or_record_demos(tmp_path, "button-press-topdown", 1, 32, episode_length=30)
     assert path_b == path                                       # a larger file is reused

@@ -16,7 +16,7 @@ goal included). Each episode is kept until a few decisions after the first succe
 expert episodes are replaced by the next seed. One `.npz` per environment and setting:
 frames uint8 [E, S, R, R, 3], actions float32 [E, S, 4], proprio float32 [E, S, 4]
 (hand xyz, gripper opening), length int [E] (valid steps; the rest is zero padding),
-success_step int [E] (first successful decision), seeds int [E].
+success bool [E], success_step int [E] (first successful decision), seeds int [E].
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def record_demos(name: str, num_demos: int, resolution: int, seed: int = 0,
     finally:
         env.close()
     return {"frames": frames, "actions": actions, "proprio": proprio, "length": length,
-            "success_step": success_step, "seeds": seeds}
+            "success": success_step >= 0, "success_step": success_step, "seeds": seeds}
 
 
 def demos_filename(name: str, num_demos: int, resolution: int, seed: int, episode_length: int,
@@ -234,6 +234,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
     missing = {"frames", "actions", "proprio", "length", "success_step", "seeds"} - set(data)
     if missing:
         raise DataError(f"{path}: demonstrations file lacks {', '.join(sorted(missing))}; delete it to re-record")
+    data.setdefault("success", data["success_step"] >= 0)
     return data
 
 

@@ -787,10 +787,12 @@ Root: the data world (`totobench.data.world.ensure_data_world("{cfg['data']['wor
 
 ## Tokenizer
 
-A VQ-VAE (`totobench/model/tokenizer.py`): conv encoder with 3 stride-2 stages, codebook of
-{mc.codebook_size} x {tk['config']['code_dim']} updated by exponential moving averages, dead codes restarted
-on encoder outputs ({tk['code_restarts']} restarts in training), {tk['steps']} steps of batch {tk['batch_size']} on
-{tk['train_frames']} training frames. Files: `tokenizer/config.json`, `tokenizer/model.safetensors`.
+A VQ-VAE (`totobench/model/tokenizer.py`): a {tk['config']['stem']}x{tk['config']['stem']} stem then stride-2
+stages down to 8x, unit-length latents, a codebook of {mc.codebook_size} x {tk['config']['code_dim']} updated by
+exponential moving averages, dead codes restarted on encoder outputs ({tk['code_restarts']} restarts in
+training); {tk['steps']} of {tk.get('steps_planned', tk['steps'])} planned steps of batch {tk['batch_size']}
+(crops: {tk.get('crop') or 'none'}) on {tk['train_frames']} training frames.
+Files: `tokenizer/config.json`, `tokenizer/model.safetensors`.
 
 ## Loss curve
 

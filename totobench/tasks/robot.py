@@ -27,6 +27,7 @@ from totobench.tasks.base import LayerRow, RunContext, Task, TaskOutput, registe
 
 DEFAULTS = {"demos": 25, "rollouts": 5, "episode_length": 40, "action_repeat": 3, "camera": "corner3",
             "context_frames": 3}
+MAX_POOL = 10     # simulators (each with a GL context) stepped in lockstep; more seeds take turns
 
 
 @torch.inference_mode()
@@ -44,12 +45,13 @@ def pooled_features(backbone, frames: np.ndarray, layers: list[int], batch_size:
 
 
 def stack_context(features: np.ndarray, lengths: np.ndarray, context: int) -> np.ndarray:
-    """Per-step features [E, S, D] of E episodes (valid steps given by `lengths`) ->
-    [sum(lengths), context * D]: features of steps t-context+1 .. t (oldest first), the first
-    frame repeated before the episode starts."""
+    """Per-step features [sum(lengths), D] of consecutive episodes (episode e has lengths[e]
+    steps) -> [sum(lengths), context * D]: features of steps t-context+1 .. t (oldest first),
+    the episode's first frame repeated before it starts."""
     rows = []
-    for e, n in enumerate(lengths):
-        ep = features[e, :n]
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for start, n in zip(starts, lengths):
+        ep = features[start:start + n]
         idx = np.arange(n)[:, None] + np.arange(-context + 1, 1)[None, :]
         rows.append(ep[np.clip(idx, 0, None)].reshape(n, -1))
     return np.concatenate(rows)
@@ -96,27 +98,36 @@ def run_rollouts(envs, seeds: list[int], policy, featurize, context: int, episod
 class RobotBC(Task):
 
     def _settings(self, ctx: RunContext) -> dict:
+        """The run's settings: YAML values, --quick limits applied; ConfigError naming the key."""
+        from totobench.probes.bc_policy import BC_DEFAULTS
+        where = self.cfg.get("_path", self.name)
         ds, inp = self.cfg["dataset"], self.cfg.get("input", {})
         envs = ds.get("env") or []
         envs = [envs] if isinstance(envs, str) else list(envs)
         if not envs:
-            raise ConfigError(f"{self.cfg.get('_path', self.name)}: 'dataset.env' must list MetaWorld tasks, e.g. [drawer-open]")
+            raise ConfigError(f"{where}: 'dataset.env' must list MetaWorld tasks, e.g. [drawer-open]")
         s = {key: ds.get(key, DEFAULTS[key]) for key in ("demos", "rollouts", "episode_length", "action_repeat", "camera")}
-        s["demo_length"] = int(s["episode_length"])   # demos keep the full length (quick shortens rollouts only)
-        s["context_frames"] = int(inp.get("context_frames") or DEFAULTS["context_frames"])
+        s["context_frames"] = inp.get("context_frames") or DEFAULTS["context_frames"]
+        for key in ("demos", "rollouts", "episode_length", "action_repeat", "context_frames"):
+            if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
+                section = "input" if key == "context_frames" else "dataset"
+                raise ConfigError(f"{where}: '{section}.{key}' must be a positive integer, got {s[key]!r}")
+        s["demo_length"] = s["episode_length"]   # demos keep the full length (quick shortens rollouts only)
         for key in ("demos", "rollouts", "episode_length"):
             limit = self.quick_limit(key, ctx.quick)
             if limit is not None:
-                s[key] = min(int(s[key]), int(limit))
+                s[key] = min(s[key], int(limit))
         r = ctx.backbone.config.resolution
         if inp.get("resolution") not in (None, r):
-            raise ConfigError(f"{self.cfg.get('_path', self.name)}: 'input.resolution' must be null or the "
-                              f"model's resolution {r}, got {inp['resolution']}")
+            raise ConfigError(f"{where}: 'input.resolution' must be null or the model's resolution {r}, "
+                              f"got {inp['resolution']}")
         if inp.get("kind", "image") != "image":
-            raise ConfigError(f"{self.cfg.get('_path', self.name)}: 'input.kind' must be image for robot_bc "
+            raise ConfigError(f"{where}: 'input.kind' must be image for robot_bc "
                               f"(each frame is encoded once and its features reused)")
         probe = {k: v for k, v in self.cfg.get("probe", {}).items() if k != "name"}
-        from totobench.probes.bc_policy import BC_DEFAULTS
+        unknown = sorted(set(probe) - set(BC_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key 'probe.{unknown[0]}' (expected: name, {', '.join(BC_DEFAULTS)})")
         probe = {**BC_DEFAULTS, **probe}
         epochs = self.quick_limit("epochs", ctx.quick)
         if epochs is not None:
@@ -161,7 +172,7 @@ class RobotBC(Task):
                 actions = np.concatenate([demos["actions"][e, :n] for e, n in enumerate(lengths)])
                 proprio = np.concatenate([demos["proprio"][e, :n] for e, n in enumerate(lengths)])
                 pool = [RobotEnv(name, s["resolution"], s["camera"], s["action_repeat"])
-                        for _ in range(max(1, min(len(seeds), s["rollouts"])))]
+                        for _ in range(min(len(seeds), MAX_POOL))]
                 t3 = time.perf_counter()
                 timing["demos"] += t1 - t0
                 timing["demo_features"] += t2 - t1
@@ -172,8 +183,7 @@ class RobotBC(Task):
                 try:
                     for li, layer in enumerate(ctx.layers):
                         t0 = time.perf_counter()
-                        padded = _pad(feats[li], lengths)
-                        x = np.concatenate([stack_context(padded, lengths, context), proprio], axis=1)
+                        x = np.concatenate([stack_context(feats[li], lengths, context), proprio], axis=1)
                         policy, fit = train_bc_policy(x, actions, seed=ctx.seed, **s["probe"])
                         t1, c1 = time.perf_counter(), time.process_time()
 
@@ -228,12 +238,3 @@ def single_thread():
     finally:
         torch.set_num_threads(before)
 
-
-def _pad(flat: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated per-step rows [sum(lengths), D] -> [E, max(lengths), D] (zero padded)."""
-    out = np.zeros((len(lengths), int(lengths.max()), flat.shape[1]), flat.dtype)
-    start = 0
-    for e, n in enumerate(lengths):
-        out[e, :n] = flat[start:start + n]
-        start += n
-    return out

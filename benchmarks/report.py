@@ -329,9 +329,10 @@ def render_markdown(state: dict, regenerate: str) -> str:
             within = "yes" if r["status"] == "ok" and r.get("wall_s", 1e9) < r["target_s"] else "no"
             cpu = (r.get("user_s") or 0) + (r.get("sys_s") or 0)
             rss = f"{r['max_rss_mb']:.0f} MB" if r.get("max_rss_mb") else "-"
+            cache = f"{r['cache_mb']:.0f} MB" if r.get("cache_mb") is not None else "-"
             wall = ("> " if r["status"] == "timeout" else "") + _fmt_s(r.get("wall_s"))
             out.append(f"| `{r['command']}` | {r['status']} | {wall} | {_fmt_s(r['target_s'])} | "
-                       f"{within} | {_fmt_s(cpu) if cpu else '-'} | {rss} | {r.get('cache_mb', 0):.0f} MB | "
+                       f"{within} | {_fmt_s(cpu) if cpu else '-'} | {rss} | {cache} | "
                        f"{r['load_before']} → {r.get('load_after', '?')} | {r['measured']} |")
         out.append("")
         for mode in ("full", "quick"):

@@ -22,6 +22,17 @@ def _isolated_home(tmp_path_factory):
         os.environ["TOTOBENCH_HOME"] = old
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One intra-op thread for every test: the tensors are tiny, and on 2 cores shared with
+    other work two threads spin and run ~10x slower."""
+    import torch
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The data world at size tiny (seconds to generate), shared by the whole session."""

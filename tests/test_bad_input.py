@@ -16,15 +16,6 @@ import torch
 from totobench.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine, 2 threads are ~10x slower (spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture
 def run(tiny_world, micro_checkpoint, tmp_path, capsys):
     """run(*extra args, model=..., tasks=...) -> (exit code, stderr lines); checks no result file."""

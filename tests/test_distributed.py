@@ -18,15 +18,6 @@ from totobench.features.cache import FeatureCache
 from totobench.features.extract import extract_features, plan_chunks, run_extraction_job
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine, 2 threads are ~10x slower (spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _run_args(world, checkpoint):
     # 48 train / 32 val images in batches of 8: 6 and 4 batches (chunks), 3+3 and 2+2 per rank
     return ["run", "--model", str(checkpoint), "--tasks", "imagenet-linear", "--layers", "0,-1", "--quick",

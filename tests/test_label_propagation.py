@@ -16,15 +16,6 @@ from totobench.probes.label_propagation import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny matrices: OpenMP threads only spin against the other workers on this 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_video(seed, frames, h, w, dim, labels, dtype=torch.float64):
     generator = torch.Generator().manual_seed(seed)
     feats = torch.randn(frames, h, w, dim, generator=generator, dtype=dtype)

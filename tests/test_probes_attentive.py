@@ -8,14 +8,6 @@ from totobench.probes.attentive import (AttentiveProbe, AttentiveProbeGrid, Atte
 from totobench.probes.linear import fit_linear_grid
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def one_token_signal(n, length=16, dim=32, num_classes=4, seed=0):
     """Token sets whose class is carried by ONE token at a random position (a marker direction plus
     the class prototype); the other tokens are prototypes of random classes, so a mean over tokens

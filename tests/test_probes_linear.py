@@ -12,15 +12,6 @@ from totobench.probes.linear import fit_linear_grid
 WDS = (1e-4, 1e-2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small ops on a shared 2-core machine run far faster without intra-op threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def gaussian_layers(n_train=2000, n_val=1000, dim=64, num_classes=10, noises=(1.0, 1.5, 2.2, 3.2), seed=0):
     """Overlapping Gaussian clusters seen through 4 "layers" of falling quality (more noise), each
     rotated, scaled per dimension and offset (so standardisation matters)."""

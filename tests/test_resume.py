@@ -22,15 +22,6 @@ from totobench.features.extract import extract_features
 from totobench.model.registry import load_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine, 2 threads are ~10x slower (spinning)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 class Frames(Dataset):
     """n random images [1, 3, 64, 64] with label i % 3; item `fail_at` raises (a crash mid-run)."""
 

@@ -11,15 +11,6 @@ from totobench.probes.sta_head import (IGNORE, STAHead, STAHeadConfig, decode_st
                                        sta_targets, train_sta_head)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions: threads only add overhead on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_targets_put_each_object_on_its_centre_cell():
     objects = [[{"box": [0, 0, 40, 20], "noun_category_id": 3, "verb_category_id": 1, "time_to_contact": 0.5},
                 {"box": [250, 180, 310, 230], "noun_category_id": 0, "verb_category_id": 2, "time_to_contact": 1.5}]]

@@ -13,15 +13,6 @@ from totobench.errors import CheckpointError
 from totobench.model.tokenizer import (EMAQuantizer, TokenizerConfig, VisualTokenizer,
                                        evaluate_tokenizer, psnr)
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny convolutions: one thread avoids waiting on the other busy core
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 SMALL = TokenizerConfig(codebook_size=8, channels=8, max_channels=16, code_dim=4)
 
 

@@ -45,6 +45,7 @@ SCRIPT_ARGS = {
     "layer_sweep.py": {"full": ["--repeats", "3"], "smoke": ["--models", "toto-tiny", "--repeats", "1"]},
     "extract_memory.py": {"full": ["--n", "128"], "smoke": ["--n", "16", "--pooling", "tokens"]},
     "probe_grid.py": {"full": [], "smoke": ["--layers", "2", "--n", "400", "--epochs", "2"]},
+    "probe_grid_real.py": {"full": ["--epochs", "100"], "smoke": ["--epochs", "1"]},
     "label_propagation.py": {"full": [], "smoke": ["--frames", "6", "--grid", "16", "--context", "3", "--repeats", "1"]},
     "kinetics_decode.py": {"full": [], "smoke": ["--videos", "2", "--frames", "120", "--repeats", "1"]},
 }
@@ -184,11 +185,15 @@ def prepare_home(root: Path) -> Path:
     return home
 
 
-def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | None = None) -> dict:
+def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | None = None,
+                   results_out: Path | None = None) -> dict:
     """Time `totobench run --model MODEL --tasks all --layers all [--quick]` with an empty feature
-    cache; never raises. Returns wall/CPU seconds, peak RSS, per-task timings and main metrics."""
+    cache; never raises. Returns wall/CPU seconds, peak RSS, per-task timings and main metrics.
+    results_out: write the result files there (with --overwrite) instead of a temporary folder."""
     mode = "quick" if quick else "full"
     args = ["run", "--model", model, "--tasks", "all", "--layers", "all"] + (["--quick"] if quick else [])
+    if results_out is not None:
+        args.append("--overwrite")
     record = {"mode": mode, "command": "totobench " + " ".join(args), "model": model, "measured": now_utc(),
               "load_before": load_average(), "target_s": TARGETS_S[mode], "timeout_s": timeout_s}
     with tempfile.TemporaryDirectory(prefix=f"totobench-report-{mode}-") as tmp:
@@ -198,7 +203,7 @@ def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | N
         except Exception as err:  # noqa: BLE001 - reported, not raised
             record.update(status="failed", error=f"data world: {type(err).__name__}: {err}")
             return record
-        results = tmp / "results"
+        results = Path(results_out).resolve() if results_out is not None else tmp / "results"
         data_before = data_files(home / "data")
         totobench = Path(PYTHON).with_name("totobench")
         cmd = ([str(totobench)] if totobench.exists() else [PYTHON, "-m", "totobench"]) + args + ["--out", str(results)]
@@ -232,15 +237,22 @@ def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | N
             if stats["rc"] != 0:
                 record.update(error=lines[-1] if lines else f"exit code {stats['rc']}", tail=lines[-15:])
         record["data_created"] = sorted(str(p) for p in data_files(home / "data") - data_before)
-        record["tasks"] = task_summaries(results)
+        record["tasks"] = (task_summaries(results, f"{model_folder(model)}/*.json") if results_out is not None
+                           else task_summaries(results))
         record["cache_mb"] = folder_mb(home / "features")
     return record
 
 
-def task_summaries(results: Path) -> list[dict]:
+def model_folder(model: str) -> str:
+    """The folder of results/ that `totobench run --model NAME` writes to (a registered name)."""
+    from totobench.results.schema import safe_name
+    return safe_name(model)
+
+
+def task_summaries(results: Path, pattern: str = "*/*.json") -> list[dict]:
     """Per result file: task, seconds (timing_s.total), best layer and its main metric."""
     rows = []
-    for path in sorted(results.glob("*/*.json")):
+    for path in sorted(results.glob(pattern)):
         try:
             doc = json.loads(path.read_text())
             main = doc["task"]["main_metric"]
@@ -409,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fresh", action="store_true", help="do not keep sections of the previous REPORT.json")
     parser.add_argument("--note", help="a line to add under Notes (e.g. why a part was not run)")
     parser.add_argument("--out", type=Path, default=HERE / "REPORT.md")
+    parser.add_argument("--results-out", type=Path, help="the full run writes its result files here (e.g. results/, "
+                                                        "with --overwrite) instead of a temporary folder")
     args = parser.parse_args(argv)
 
     regenerate = ".venv/bin/python benchmarks/report.py" + "".join(
@@ -475,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 timeout = min(timeout, left)
             print(f"[{now_utc()}] end to end, {mode} (limit {timeout:.0f} s)", flush=True)
-            record = run_end_to_end(args.model, mode == "quick", timeout)
+            record = run_end_to_end(args.model, mode == "quick", timeout,
+                                    results_out=args.results_out if mode == "full" else None)
             mine["e2e"][mode] = record
             print(f"  {record['status']}: wall {_fmt_s(record.get('wall_s'))}, peak RSS "
                   f"{record.get('max_rss_mb', 0):.0f} MB" + (f"; {record['error']}" if record.get("error") else ""),

@@ -89,3 +89,23 @@ def test_torchrun_two_processes_equals_one_process(tiny_world, micro_checkpoint,
     assert _npy_hashes(home2 / "features") == _npy_hashes(home1 / "features")
     assert len(list((home2 / "features").glob("*.npy"))) == 2 * 3   # (2 layers + labels) x 2 splits
     assert not list((home2 / "features").glob(".*"))                 # no temporary file
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_davis_equals_one_process(tiny_world, micro_checkpoint, tmp_path, monkeypatch):
+    """DAVIS frames (tiles) go through the shared extraction too: same masks' scores, same shards."""
+    args = ["run", "--model", str(micro_checkpoint), "--tasks", "davis", "--layers", "0,-1",
+            "--set", "batch_size=4", "--data-root", str(tiny_world)]
+    home2 = tmp_path / "home-2proc"
+    env = {**os.environ, "TOTOBENCH_HOME": str(home2), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "totobench", *args, "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    home1 = tmp_path / "home-1proc"
+    monkeypatch.setenv("TOTOBENCH_HOME", str(home1))
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one" / "micro" / "davis.json").read_text())
+    two = json.loads((tmp_path / "two" / "micro" / "davis.json").read_text())
+    assert two["per_layer"] == one["per_layer"]
+    assert _npy_hashes(home2 / "features") == _npy_hashes(home1 / "features") != set()

@@ -68,8 +68,10 @@ def test_forward_frames_images_are_independent_sequences(backbone, frames):
 
 
 def test_bad_inputs(backbone, frames):
-    with pytest.raises(DataError, match=r"frames must be \[B, T, 3, 16, 16\]"):
-        backbone.tokenize(frames[..., :8, :8])
+    with pytest.raises(DataError, match=r"H and W multiples of the patch size 8 .*got \[2, 3, 3, 12, 16\]"):
+        backbone.tokenize(frames[..., :12, :])
+    with pytest.raises(DataError, match=r"frames must be \[B, T, 3, H, W\]"):
+        backbone.tokenize(frames[:, :, :2])
     with pytest.raises(ConfigError, match="kind must be 'image' or 'video'"):
         backbone.forward_frames(frames, [0], kind="audio")
     with pytest.raises(ConfigError, match="valid indices are 0..2"):
@@ -109,3 +111,13 @@ def test_checkpoint_without_tokenizer_is_not_a_backbone(tmp_path):
     save_checkpoint(tmp_path, Toto(CONFIG))
     with pytest.raises(CheckpointError, match="tokenizer: missing"):
         load_backbone(str(tmp_path))
+
+
+def test_frames_larger_than_the_model_resolution(backbone):
+    """Any multiple of the patch size is read: 24 x 32 px -> a 3 x 4 token grid, raster order."""
+    big = torch.rand(1, 2, 3, 24, 32, generator=torch.Generator().manual_seed(2))
+    ids = backbone.tokenize(big)
+    assert ids.shape == (1, 2, 12)
+    assert torch.equal(ids[0, 1], backbone.tokenizer.encode(big[0, 1:]).flatten())
+    feats = backbone.forward_frames(big, [0, -1], kind="image")
+    assert [tuple(f.shape) for f in feats] == [(1, 2, 12, CONFIG.dim)] * 2

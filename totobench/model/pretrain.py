@@ -282,9 +282,14 @@ def train_tokenizer(cfg: dict, mc: TotoConfig, frames: dict, out: Path, console)
     budget_s = 60 * float(tc["max_minutes"]) if tc.get("max_minutes") else None
     with _progress(console) as progress:
         task = progress.add_task("tokenizer", total=steps, loss=float("nan"), speed="")
-        for step in range(steps):
+        step, t_loop = 0, time.time()
+        while step < steps:
             if budget_s is not None and time.time() - t0 > budget_s:
-                break  # the shared machine is slower than planned: keep the codebook we have
+                break  # the machine is slower than planned: keep the codebook we have
+            if budget_s is not None and step == 10:  # re-plan once so the cosine schedule ends in budget
+                per_step = (time.time() - t_loop) / 10
+                steps = max(11, min(steps, int((budget_s - (time.time() - t0)) / per_step) + 10))
+                progress.update(task, total=steps)
             steps_done = step + 1
             lr = tc["lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine to 0
             for g in opt.param_groups:
@@ -306,6 +311,7 @@ def train_tokenizer(cfg: dict, mc: TotoConfig, frames: dict, out: Path, console)
             restarts += out_step["restarts"]
             psnr = 10 * math.log10(1 / max(float(out_step["recon_mse"]), 1e-10))
             progress.update(task, advance=1, loss=float(out_step["loss"].detach()), speed=f"{psnr:.1f} dB")
+            step += 1
     tok.eval()
     facts = {
         "heldout": evaluate_tokenizer(tok, held_x.float() / 255),
@@ -323,7 +329,6 @@ def train_tokenizer(cfg: dict, mc: TotoConfig, frames: dict, out: Path, console)
 # stage 2: tokens of the whole corpus
 
 
-@torch.no_grad()
 @torch.no_grad()
 def tokenize_corpus(tok: VisualTokenizer, frames: dict, path: Path, console) -> None:
     """Encode every frame once; write path (npz): per source and split, int16 ids [frames, h*w]

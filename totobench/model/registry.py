@@ -49,15 +49,22 @@ class Backbone:
         return self.model.tok_embeddings.weight.device
 
     def _check_frames(self, frames: torch.Tensor) -> None:
-        r = self.config.resolution
-        if frames.ndim != 5 or frames.shape[2] != 3 or frames.shape[3] != r or frames.shape[4] != r:
-            raise DataError(f"{self.name}: frames must be [B, T, 3, {r}, {r}] in [0, 1] "
-                            f"(config.resolution={r}), got {list(frames.shape)}")
+        """Frames of any size whose sides are multiples of the patch size: the tokenizer is
+        convolutional and RoPE positions extend, so a model trained at config.resolution also reads
+        larger frames (the paper evaluates DAVIS at a higher resolution than it pre-trains at)."""
+        p = self.config.patch_size
+        if (frames.ndim != 5 or frames.shape[2] != 3 or frames.shape[3] % p or frames.shape[4] % p
+                or frames.shape[3] == 0 or frames.shape[4] == 0):
+            r = self.config.resolution
+            raise DataError(f"{self.name}: frames must be [B, T, 3, H, W] in [0, 1] with H and W "
+                            f"multiples of the patch size {p} (the model's resolution is {r}), "
+                            f"got {list(frames.shape)}")
 
     @torch.no_grad()
     def tokenize(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames FloatTensor [B, T, 3, H, W] in [0, 1], H = W = config.resolution
-        -> LongTensor [B, T, h*w] of codebook ids (raster order). Each frame is tokenized alone."""
+        """frames FloatTensor [B, T, 3, H, W] in [0, 1], H and W multiples of the patch size
+        (usually H = W = config.resolution) -> LongTensor [B, T, h*w] of codebook ids, h = H / patch,
+        raster order. Each frame is tokenized alone."""
         self._check_frames(frames)
         B, T = frames.shape[:2]
         flat = frames.reshape(B * T, *frames.shape[2:]).to(self.device, torch.float32)

@@ -111,7 +111,7 @@ PRESETS: dict[str, dict] = {
     "toto-1b": dict(dim=2048, n_layers=22, n_heads=16, mlp_hidden=5632, **_PAPER),
     "toto-tiny": dict(dim=256, n_layers=8, n_heads=8, mlp_hidden=704, codebook_size=1024,
                       vocab_size=1027, max_seq_len=1024, resolution=64, num_frames=8,
-                      frame_stride=2, images_per_sequence=8),
+                      frame_stride=4, images_per_sequence=8),
 }
 
 

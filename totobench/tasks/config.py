@@ -43,6 +43,7 @@ DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
 INPUT_KEYS: dict[str, type | tuple[type, ...]] = {
     "resolution": (int, type(None)), "frames": (int, type(None)), "stride": (int, type(None)),
     "kind": str, "clips_per_video": int, "crops_per_clip": int, "context_frames": int,
+    "keep_aspect": bool, "tile": bool, "scale": (int, float),
 }
 QUICK_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_train_per_class": int, "max_val_per_class": int, "max_train": int, "max_val": int,

@@ -1,7 +1,8 @@
 """Robot manipulation in MetaWorld: behaviour cloning on frozen features, closed-loop success.
 
 Per MetaWorld task: the expert demonstrations (totobench.data.robot, rendered once and cached)
-go through the backbone once; each frame is read as an image and mean-pooled per layer. For each
+go through the backbone once (through the feature cache; shared out among the ranks under
+torchrun); each frame is read as an image and mean-pooled per layer. For each
 requested layer, an MLP policy (probes/bc_policy.py) maps [pooled features of the last
 `context_frames` frames, proprioception] to the expert's action. The policy then drives the
 simulator from seeded initial scenes never seen in the demos; an episode is a success when
@@ -10,7 +11,8 @@ task ("success/<task>") and their mean ("success").
 
 Rollouts of one layer run in lockstep on a pool of environments created once per task (each with
 its own renderer) and reused for every layer, so each decision step is one batched backbone call
-that stops at that layer. Frame features are computed once and kept in a sliding history.
+that stops at that layer. Frame features are computed once and kept in a sliding history. Under
+torchrun the rollouts run on rank 0 (the simulator steps are sequential); the other ranks wait.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from totobench.errors import ConfigError
-from totobench.features.extract import progress_bar
+from totobench.features.extract import extract_features, progress_bar
 from totobench.tasks.base import LayerRow, RunContext, Task, TaskOutput, register_task
 
 DEFAULTS = {"demos": 25, "rollouts": 5, "episode_length": 40, "action_repeat": 3, "camera": "corner3",
@@ -42,6 +44,23 @@ def pooled_features(backbone, frames: np.ndarray, layers: list[int], batch_size:
         for i, f in enumerate(backbone.forward_frames(x, layers, kind="image")):
             out[i].append(f[:, 0].mean(dim=1).float().cpu().numpy())
     return [np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32) for parts in out]
+
+
+class DemoFrames:
+    """Extractor items over demonstration frames uint8 [N, R, R, 3]: item i = frame i as a one-frame
+    image clip [1, 3, R, R] (so demo features go through the feature cache, and are shared out
+    among the ranks under torchrun)."""
+    yields_dicts = True
+
+    def __init__(self, frames: np.ndarray):
+        self.frames = frames
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(np.ascontiguousarray(self.frames[i])).permute(2, 0, 1).unsqueeze(0)
+        return {"frames": x, "label": 0, "index": i, "group": i, "path": None, "skip_reason": None}
 
 
 def stack_context(features: np.ndarray, lengths: np.ndarray, context: int) -> np.ndarray:
@@ -167,7 +186,12 @@ class RobotBC(Task):
                 t1 = time.perf_counter()
                 lengths = demos["length"]
                 valid = np.concatenate([demos["frames"][e, :n] for e, n in enumerate(lengths)])
-                feats = pooled_features(ctx.backbone, valid, ctx.layers, ctx.batch_size, ctx.device)
+                cached = extract_features(
+                    ctx.backbone, DemoFrames(valid), ctx.layers, kind="image", pooling="mean", cache=ctx.cache,
+                    key_parts={"transform": f"robot-demo-frames-{s['resolution']}", "task": name,
+                               "dataset": demos_fingerprint({name: demos})},
+                    batch_size=ctx.batch_size, device=ctx.device, console=None, desc=f"{name} demo features")
+                feats = [np.asarray(cached.feats[layer], dtype=np.float32) for layer in ctx.layers]
                 t2 = time.perf_counter()
                 actions = np.concatenate([demos["actions"][e, :n] for e, n in enumerate(lengths)])
                 proprio = np.concatenate([demos["proprio"][e, :n] for e, n in enumerate(lengths)])

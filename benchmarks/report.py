@@ -208,6 +208,7 @@ def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | N
         totobench = Path(PYTHON).with_name("totobench")
         cmd = ([str(totobench)] if totobench.exists() else [PYTHON, "-m", "totobench"]) + args + ["--out", str(results)]
         stats_path, log_path = tmp / "stats.json", tmp / "run.log"
+        started = time.time()
         env = dict(os.environ, TOTOBENCH_HOME=str(home), COLUMNS="160", NO_COLOR="1", TERM="dumb")
         with open(log_path, "w") as log:
             proc = subprocess.Popen([PYTHON, "-c", WRAPPER, str(stats_path), json.dumps(cmd)], cwd=REPO, env=env,
@@ -237,8 +238,9 @@ def run_end_to_end(model: str, quick: bool, timeout_s: float, keep_log: Path | N
             if stats["rc"] != 0:
                 record.update(error=lines[-1] if lines else f"exit code {stats['rc']}", tail=lines[-15:])
         record["data_created"] = sorted(str(p) for p in data_files(home / "data") - data_before)
-        record["tasks"] = (task_summaries(results, f"{model_folder(model)}/*.json") if results_out is not None
-                           else task_summaries(results))
+        # results_out may hold other result files of the model (e.g. k400-linear): only this run's count
+        record["tasks"] = (task_summaries(results, f"{model_folder(model)}/*.json", since=started)
+                           if results_out is not None else task_summaries(results))
         record["cache_mb"] = folder_mb(home / "features")
     return record
 
@@ -249,10 +251,11 @@ def model_folder(model: str) -> str:
     return safe_name(model)
 
 
-def task_summaries(results: Path, pattern: str = "*/*.json") -> list[dict]:
-    """Per result file: task, seconds (timing_s.total), best layer and its main metric."""
+def task_summaries(results: Path, pattern: str = "*/*.json", since: float = 0.0) -> list[dict]:
+    """Per result file (written after `since`, a time.time()): task, seconds (timing_s.total), best
+    layer and its main metric."""
     rows = []
-    for path in sorted(results.glob(pattern)):
+    for path in sorted(p for p in results.glob(pattern) if p.stat().st_mtime >= since):
         try:
             doc = json.loads(path.read_text())
             main = doc["task"]["main_metric"]

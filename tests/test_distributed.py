@@ -47,7 +47,7 @@ def test_chunks_another_rank_committed_are_reused_by_one_process(micro_checkpoin
     data = [(torch.rand(1, 3, 64, 64, generator=g), i % 2) for i in range(16)]
     kwargs = dict(kind="image", pooling="mean", key_parts={"dataset": "d"}, batch_size=2)
     job = {"op": "extract", "items": Indexed(data), "layers": [0, 3], "kind": "image", "pooling": "mean",
-           "base": {"dataset": "d", "checkpoint": backbone.sha256, "pooling": "mean"},
+           "base": {"dataset": "d", "checkpoint": backbone.features_id, "pooling": "mean"},
            "chunks": plan_chunks(16, 2), "batch_size": 2, "num_workers": 0, "cache_root": str(tmp_path / "a"),
            "desc": "rank 1"}
     assert run_extraction_job(backbone, job, torch.device("cpu"), rank=1, world_size=2) == {"computed": 4, "reused": 0}

@@ -121,3 +121,18 @@ def test_frames_larger_than_the_model_resolution(backbone):
     assert torch.equal(ids[0, 1], backbone.tokenizer.encode(big[0, 1:]).flatten())
     feats = backbone.forward_frames(big, [0, -1], kind="image")
     assert [tuple(f.shape) for f in feats] == [(1, 2, 12, CONFIG.dim)] * 2
+
+
+def test_a_retrained_tokenizer_changes_the_feature_identity(checkpoint, tmp_path):
+    """Same transformer weights, other tokenizer: the cache key part (features_id) differs, so cached
+    features of the old tokenizer are never reused; random-init baselines included."""
+    from totobench.model.checkpoint import load_checkpoint
+    model, _, _, _ = load_checkpoint(checkpoint, "cpu")
+    torch.manual_seed(7)
+    other = tmp_path / "my-toto"
+    save_checkpoint(other, model, VisualTokenizer(codebook_size=16, channels=8, code_dim=4))
+    a, b = load_backbone(str(checkpoint)), load_backbone(str(other))
+    assert a.sha256 == b.sha256
+    assert a.tokenizer_sha256 != b.tokenizer_sha256 and a.features_id != b.features_id
+    ra, rb = load_backbone("random-init:" + str(checkpoint)), load_backbone("random-init:" + str(other))
+    assert ra.sha256 == rb.sha256 and ra.features_id != rb.features_id

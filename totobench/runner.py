@@ -100,7 +100,8 @@ def build_result(backbone, task, cfg: dict, out: TaskOutput, data_root: Path | N
         "schema_version": "1",
         "totobench_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": {"name": backbone.name, "checkpoint_sha256": backbone.sha256, "num_layers": n,
+        "model": {"name": backbone.name, "checkpoint_sha256": backbone.sha256,
+                  "tokenizer_sha256": backbone.tokenizer_sha256, "num_layers": n,
                   "dim": backbone.dim, "params": backbone.model.num_params(),
                   "path": str(backbone.path) if backbone.path else None},
         "task": {"name": task.name, "kind": task.kind, "dataset_format": cfg["dataset"]["format"],
@@ -227,6 +228,7 @@ def _same_run(done: dict, layers: list[int], backbone, cfg: dict, args) -> bool:
     task config and --quick (then a re-run skips it; anything else is recomputed)."""
     return (done["layers_requested"] == layers
             and done["model"]["checkpoint_sha256"] == backbone.sha256
+            and done["model"].get("tokenizer_sha256") == backbone.tokenizer_sha256
             and done.get("config") == json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
                                                             default=str))
             and done.get("extra", {}).get("quick", False) == bool(args.quick))

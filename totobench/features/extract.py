@@ -142,7 +142,7 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
                                     cache=FeatureCache(Path(tmp)), key_parts=key_parts,
                                     batch_size=batch_size, num_workers=num_workers, device=device,
                                     console=console, desc=desc)  # memmaps outlive the unlinked files
-    base = dict(key_parts, checkpoint=backbone.sha256, pooling=pooling)
+    base = dict(key_parts, checkpoint=getattr(backbone, "features_id", backbone.sha256), pooling=pooling)
     keys = {layer: cache_key(**base, layer=layer) for layer in layers}
     meta_key = cache_key(**base, what="labels-groups")
     feats = {layer: cache.load(keys[layer]) for layer in layers}

@@ -31,6 +31,13 @@ class Backbone:
     tokenizer: "VisualTokenizer"  # noqa: F821 (totobench.model.tokenizer)
     sha256: str
     path: Path | None
+    tokenizer_sha256: str = ""
+
+    @property
+    def features_id(self) -> str:
+        """What features depend on: the transformer's weights and the tokenizer's (a retrained
+        tokenizer with unchanged transformer weights must never reuse cached features)."""
+        return self.sha256 if not self.tokenizer_sha256 else f"{self.sha256}+tok:{self.tokenizer_sha256}"
 
     @property
     def config(self) -> TotoConfig:
@@ -160,5 +167,6 @@ def _load_backbone(name_or_path: str, device: str) -> Backbone:
     # a folder given by path is named after the folder, so result paths stay short
     base = name_or_path.removeprefix(RANDOM_INIT)
     name = (RANDOM_INIT if random_init else "") + (base if base in list_models() else path.name)
-    return Backbone(name=name, model=model, tokenizer=tokenizer, sha256=sha,
+    tokenizer_sha = sha256_bytes(weights_bytes(tokenizer))
+    return Backbone(name=name, model=model, tokenizer=tokenizer, sha256=sha, tokenizer_sha256=tokenizer_sha,
                     path=None if random_init else path)

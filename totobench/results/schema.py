@@ -35,6 +35,7 @@ RESULT_SCHEMA_VERSION = "1"
 class ModelInfo(TypedDict):
     name: str                  # registered name or checkpoint folder, e.g. "toto-tiny"
     checkpoint_sha256: str     # sha256 of model.safetensors (random-init: of the weights used)
+    tokenizer_sha256: NotRequired[str]  # sha256 of the tokenizer's weights (features depend on both)
     num_layers: int            # number of transformer blocks; depth = (layer + 1) / num_layers
     dim: int                   # width of the residual stream
     params: int                # number of parameters of the backbone

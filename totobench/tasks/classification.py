@@ -126,7 +126,7 @@ def fit_probe(name: str, probe: dict, tr, va, num_classes: int, ctx: RunContext,
         from totobench.probes.attentive import fit_attentive_grid as fit
         opts["device"] = ctx.device
         # saved after every epoch so a killed run resumes; keyed so other settings never reuse it
-        run_id = hashlib.sha256(json.dumps([probe, ctx.backbone.sha256, ctx.layers, len(ytr), ctx.seed],
+        run_id = hashlib.sha256(json.dumps([probe, getattr(ctx.backbone, 'features_id', ctx.backbone.sha256), ctx.layers, len(ytr), ctx.seed],
                                            sort_keys=True, default=str).encode()).hexdigest()[:12]
         opts["state_path"] = ctx.artifacts_dir / f"attentive_state_{run_id}.pt"
         ctx.artifacts_dir.mkdir(parents=True, exist_ok=True)

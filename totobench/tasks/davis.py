@@ -109,6 +109,12 @@ class DavisTiles(Dataset):
     def __init__(self, data, seq: str, size: tuple[int, int], boxes: list):
         self.data, self.seq, self.size, self.boxes = data, seq, size, boxes
         self.num_frames = len(data.frame_names(seq))
+        self._last: tuple[int, torch.Tensor] | None = None  # items are frame-major: decode each frame once
+
+    def _resized(self, frame: int) -> torch.Tensor:
+        if self._last is None or self._last[0] != frame:
+            self._last = (frame, frames_to_model_input(self.data.load_frame(self.seq, frame)[None], self.size)[0])
+        return self._last[1]
 
     def __len__(self):
         return self.num_frames * len(self.boxes)
@@ -116,8 +122,7 @@ class DavisTiles(Dataset):
     def __getitem__(self, i):
         frame, box = divmod(i, len(self.boxes))
         y, x, th, tw = self.boxes[box]
-        resized = frames_to_model_input(self.data.load_frame(self.seq, frame)[None], self.size)[0]
-        crop = resized[..., y:y + th, x:x + tw].mul(255).round().to(torch.uint8)
+        crop = self._resized(frame)[..., y:y + th, x:x + tw].mul(255).round().to(torch.uint8)
         return {"frames": crop, "label": 0, "index": i, "group": frame, "path": f"{self.seq}/{frame}",
                 "skip_reason": None}
 

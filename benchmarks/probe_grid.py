@@ -2,9 +2,11 @@
 
 Both sides fit the same standardised features of every layer and choose their hyper-parameter
 per layer on the same held-out 10% of train; the grid trains all (layer x lr x wd) heads in one
-pass per epoch. Prints both wall times, their ratio and both best-layer val top-1.
+pass per epoch, with the settings of the imagenet-linear task (epochs, whitening) unless given.
+Prints both wall times, their ratio and both best-layer val top-1.
 
     nice -n 10 .venv/bin/python benchmarks/probe_grid.py [--layers 8] [--dim 256] [--threads 1]
+    .venv/bin/python benchmarks/probe_grid.py --epochs 100 --whiten none   # the grid without whitening
     .venv/bin/python benchmarks/probe_grid.py --real toto-tiny   # the imagenet-linear task's cached features
 
 --real MODEL uses the mean-pooled features of every layer of MODEL on the data world's ImageNet
@@ -101,12 +103,17 @@ def main():
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the imagenet-linear task's")
+    parser.add_argument("--whiten", default=None, help="eigenvalue shrinkage, or 'none' (default: the task's)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads for both sides")
     parser.add_argument("--real", metavar="MODEL", help="use MODEL's cached imagenet-linear features of every layer")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from totobench.tasks.config import load_task_config
+    task_probe = load_task_config("imagenet-linear")["probe"]
+    args.epochs = args.epochs or int(task_probe["epochs"])
+    whiten = task_probe.get("whiten") if args.whiten is None else (None if args.whiten == "none" else float(args.whiten))
     lrs, wds = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (1e-4, 1e-2)
     cs = np.logspace(-2, 1, len(lrs) * len(wds))  # spans C = 1 / (wd * N) of the wd grid
     if args.real:
@@ -119,7 +126,7 @@ def main():
 
     start = time.perf_counter()
     grid = fit_linear_grid(train, y_train, val, y_val, args.classes, lrs=lrs, wds=wds, epochs=args.epochs,
-                           batch_size=args.batch_size, refit=False)
+                           batch_size=args.batch_size, refit=False, whiten=whiten)
     grid_s = time.perf_counter() - start
     with threadpool_limits(args.threads), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -135,7 +142,8 @@ def main():
     best_grid = max(r["metrics"]["top1"] for r in grid.values())
     best_sk = max(r["top1"] for r in sk.values())
     heads = args.layers * len(lrs) * len(wds)
-    print(f"grid: {heads} heads ({args.layers} layers x {len(lrs)} lrs x {len(wds)} wds), {args.epochs} epochs: "
+    print(f"grid: {heads} heads ({args.layers} layers x {len(lrs)} lrs x {len(wds)} wds), {args.epochs} epochs, "
+          f"{'standardised' if whiten is None else f'decorrelated (shrinkage {whiten})'} features: "
           f"{grid_s:.2f} s, best-layer top-1 {best_grid:.3f}")
     print(f"sklearn: {heads} LogisticRegression fits ({args.layers} layers x {len(cs)} C) in sequence: "
           f"{sk_s:.2f} s, best-layer top-1 {best_sk:.3f}")

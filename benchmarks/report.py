@@ -45,7 +45,7 @@ SCRIPT_ARGS = {
     "layer_sweep.py": {"full": ["--repeats", "3"], "smoke": ["--models", "toto-tiny", "--repeats", "1"]},
     "extract_memory.py": {"full": ["--n", "128"], "smoke": ["--n", "16", "--pooling", "tokens"]},
     "probe_grid.py": {"full": [], "smoke": ["--layers", "2", "--n", "400", "--epochs", "2"]},
-    "probe_grid_real.py": {"full": ["--epochs", "100"], "smoke": ["--epochs", "1"]},
+    "probe_grid_real.py": {"full": [], "smoke": ["--epochs", "1"]},
     "label_propagation.py": {"full": [], "smoke": ["--frames", "6", "--grid", "16", "--context", "3", "--repeats", "1"]},
     "kinetics_decode.py": {"full": [], "smoke": ["--videos", "2", "--frames", "120", "--repeats", "1"]},
 }
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in record["figures"]:
                 print("  " + line)
             save()
-    if not args.skip_e2e:
+    if not args.skip_e2e and not args.benchmarks:  # --benchmarks NAMES: those scripts only
         modes = ["quick"] + ([] if args.skip_full else ["full"])
         for mode in modes:
             timeout = args.quick_timeout if mode == "quick" else args.full_timeout

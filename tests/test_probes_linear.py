@@ -128,3 +128,52 @@ def test_bad_grid_settings_raise_config_error():
         fit_linear_grid(train, y_train, val, y_val, 2, lrs=())
     with pytest.raises(ConfigError):
         fit_linear_grid(train, y_train, val, y_val, 2, epochs=0)
+    for bad in (-0.1, "yes"):
+        with pytest.raises(ConfigError, match="probe.whiten"):
+            fit_linear_grid(train, y_train, val, y_val, 2, whiten=bad)
+
+
+def test_whitening_decorrelates_and_keeps_the_l2_objective():
+    from totobench.probes.linear import _batches, _whitening
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(6, 6, generator=g) * torch.tensor([5.0, 2.0, 1.0, 0.5, 0.1, 3.0])
+    feats = {0: torch.randn(500, 6, generator=g) @ mixing + 4.0, 1: torch.randn(500, 6, generator=g)}
+    index = torch.arange(500)
+    mean, transform, penalty = _whitening(feats, [0, 1], index, "cpu", shrink=0.0)
+    assert torch.allclose(mean[0], feats[0].mean(0), atol=1e-4)
+    u = torch.cat([b for b, _ in _batches(feats, [0, 1], index, mean, transform, 500, "cpu")], dim=1)
+    for layer in range(2):
+        assert torch.allclose(u[layer].T @ u[layer] / 500, torch.eye(6), atol=1e-3)
+    # shrinkage s: the variances become L / (L + s), s = shrink * mean(L) of the standardised features
+    z = (feats[0] - feats[0].mean(0)) / feats[0].std(0, correction=0)
+    evals = torch.linalg.eigvalsh(torch.cov(z.T, correction=0).double())
+    mean, transform, penalty = _whitening(feats, [0], index, "cpu", shrink=1.0)
+    u = (feats[0] - mean[0]) @ transform[0]
+    assert torch.allclose(torch.linalg.eigvalsh(torch.cov(u.T, correction=0).double()),
+                          evals / (evals + evals.mean()), atol=1e-3)
+    # a head V on u is a head W on the standardised z with the same logits, |W|^2 = sum penalty_i |V_i|^2
+    v = torch.randn(6, 3, generator=g)
+    w = torch.linalg.lstsq(z, u @ v).solution
+    assert torch.allclose(z @ w, u @ v, atol=1e-3)
+    assert torch.allclose((w ** 2).sum(), (penalty[0][:, None] * v ** 2).sum(), rtol=1e-3)
+
+
+def test_whitened_grid_lands_near_sklearn():
+    train, y_train, val, y_val = gaussian_layers()
+    out = fit_linear_grid(train, y_train, val, y_val, 10, wds=WDS, epochs=15, batch_size=64, whiten=0.01)
+    ours = {layer: row["metrics"]["top1"] for layer, row in out.items()}
+    with threadpool_limits(1):
+        reference = {layer: sklearn_top1(train[layer], y_train, val[layer], y_val) for layer in train}
+    assert max(ours, key=ours.get) == max(reference, key=reference.get) == 0
+    assert abs(ours[0] - reference[0]) <= 0.01, (ours, reference)
+
+
+def test_rows_normalised_once_train_like_rows_normalised_every_epoch(monkeypatch):
+    import totobench.probes.linear as linear
+    train, y_train, val, y_val = gaussian_layers(n_train=300, n_val=100, dim=8, noises=(1.0, 2.0))
+    kwargs = dict(lrs=(0.01, 0.1), wds=(1e-3,), epochs=3, batch_size=32, whiten=0.01, return_scores=True)
+    resident = fit_linear_grid(train, y_train, val, y_val, 10, **kwargs)
+    monkeypatch.setattr(linear, "RESIDENT_BYTES", 0)
+    streamed = fit_linear_grid(train, y_train, val, y_val, 10, **kwargs)
+    for layer in train:
+        assert torch.allclose(resident[layer]["val_scores"], streamed[layer]["val_scores"], atol=1e-4)

@@ -7,7 +7,10 @@ layers gives every head's logits.
 
 Protocol: features are standardised per layer (mean/std of the rows being fitted); every head
 minimises mean cross-entropy + wd/2 |W|^2 (the objective of scikit-learn's LogisticRegression
-with C = 1 / (wd * N)) with Adam and a cosine schedule on train minus a held-out slice; the best
+with C = 1 / (wd * N)) with Adam and a cosine schedule on train minus a held-out slice. With
+`whiten=s` the heads are trained in the decorrelated eigenbasis of the standardised features
+(same objective, see `_whitening`): correlated features leave Adam ~100 epochs from the optimum,
+decorrelated ones ~15 (benchmarks/probe_grid_real.py). The best
 (lr, wd) of each layer is chosen by top-1 on that slice; then (refit=True, the default) one head
 per layer is retrained with its chosen hyper-parameters on all of train and reported on val.
 """
@@ -24,6 +27,7 @@ from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdo
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 DEFAULT_WDS = (1e-4, 1e-2)
 CHUNK_ROWS = 16384  # rows standardised at once: bounds memory, keeps per-step work to a few ops
+RESIDENT_BYTES = 512 * 2 ** 20  # fitted rows up to this size are normalised once, not once per epoch
 
 
 class LinearHeads(nn.Module):
@@ -67,12 +71,40 @@ def _standardisation(features: dict, layers: list[int], index: torch.Tensor, dev
     return mean.float(), std.float().clamp_min(1e-6)
 
 
+def _whitening(features: dict, layers: list[int], index: torch.Tensor, device,
+               shrink: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A better-conditioned basis for the same problem, per layer, from the rows `index`.
+
+    With z the standardised features and U L U^T the eigendecomposition of their covariance,
+    returns mean [layers, D], transform [layers, D, D] = diag(1/std) U (L + s)^-1/2 (s = shrink *
+    mean(L)) and penalty [layers, D] = 1 / (L + s). Inputs u = (x - mean) @ transform are
+    decorrelated (variance L / (L + s), ~1 for the informative directions), and a head V on u is
+    the head W = U (L + s)^-1/2 V on z, so |W|^2 = sum_i penalty_i |V_i|^2: the L2 objective on
+    the standardised features is unchanged, only its parametrisation, in which Adam converges fast.
+    """
+    mean, std = _standardisation(features, layers, index, device)
+    dim = features[layers[0]].shape[1]
+    gram = torch.zeros(len(layers), dim, dim, dtype=torch.float64, device=device)
+    for start in range(0, len(index), CHUNK_ROWS):
+        x = torch.stack([gather_rows(features[layer], index[start:start + CHUNK_ROWS], device)
+                         for layer in layers])
+        z = (x - mean[:, None, :]) / std[:, None, :]
+        gram += (z.transpose(1, 2) @ z).double()  # fp32 products per chunk, fp64 sums
+    evals, evecs = torch.linalg.eigh(gram / len(index))
+    evals = evals.clamp_min(0) + shrink * evals.clamp_min(0).mean(1, keepdim=True)
+    evals = evals.clamp_min(1e-12)
+    transform = evecs * evals.rsqrt()[:, None, :] / std.double()[:, :, None]
+    return mean, transform.float(), evals.reciprocal().float()
+
+
 def _batches(features: dict, layers: list[int], index: torch.Tensor, mean, std, batch_size: int, device):
     """Yield (standardised features [layers, B, D], rows [B]) over consecutive slices of index."""
     for start in range(0, len(index), CHUNK_ROWS):
         rows = index[start:start + CHUNK_ROWS]
         x = torch.stack([gather_rows(features[layer], rows, device) for layer in layers])
-        x = (x - mean[:, None, :]) / std[:, None, :]
+        x = x - mean[:, None, :]
+        # std: [layers, D] per-feature scales (standardise) or [layers, D, D] (whiten)
+        x = torch.bmm(x, std) if std.dim() == 3 else x / std[:, None, :]
         for b in range(0, len(rows), batch_size):
             yield x[:, b:b + batch_size], rows[b:b + batch_size]
 
@@ -80,20 +112,34 @@ def _batches(features: dict, layers: list[int], index: torch.Tensor, mean, std, 
 @torch.no_grad()
 def train_linear_heads(features: dict, labels: torch.Tensor, layers: list[int], index: torch.Tensor,
                        lr: torch.Tensor, weight_decay: torch.Tensor, num_classes: int, mean, std, *,
-                       epochs: int, batch_size: int, seed: int, device) -> LinearHeads:
-    """Train heads with hyper-parameters lr, weight_decay [layers, heads] on rows `index`, same batches for all."""
+                       epochs: int, batch_size: int, seed: int, device, penalty=None) -> LinearHeads:
+    """Train heads with hyper-parameters lr, weight_decay [layers, heads] on rows `index`, same batches for all.
+
+    std: [layers, D] (standardise) or a [layers, D, D] transform with its per-input `penalty`
+    [layers, D] (see _whitening): the L2 term of input i is weight_decay * penalty_i."""
     num_layers, num_heads = lr.shape
     heads = LinearHeads(num_layers, num_heads, features[layers[0]].shape[1], num_classes).to(device)
     per_column = lambda t: t[:, None, :, None].expand(-1, 1, -1, num_classes).reshape(num_layers, 1, -1).to(device)
     # weight decay enters the gradient as an L2 penalty, so the optimum is LogisticRegression's
     optimizer = GridAdamW([(heads.weight, per_column(lr), None), (heads.bias, per_column(lr), None)])
     l2 = per_column(weight_decay)
+    if penalty is not None:
+        l2 = l2 * penalty.to(device)[:, :, None]
     onehot = torch.eye(num_classes, device=device)[labels.to(device)]
     generator = torch.Generator().manual_seed(seed)
     total_steps = epochs * -(-len(index) // batch_size)
+    # when every row fits in one chunk, normalise the rows once instead of once per epoch
+    fits = len(index) <= CHUNK_ROWS and num_layers * len(index) * features[layers[0]].shape[1] * 4 <= RESIDENT_BYTES
+    resident = next(_batches(features, layers, index, mean, std, len(index), device))[0] if fits else None
     for _ in range(epochs):
-        order = index[torch.randperm(len(index), generator=generator)]
-        for x, rows in _batches(features, layers, order, mean, std, batch_size, device):
+        perm = torch.randperm(len(index), generator=generator)
+        order = index[perm]
+        if resident is not None:
+            epoch = ((resident[:, perm[b:b + batch_size]], order[b:b + batch_size])
+                     for b in range(0, len(index), batch_size))
+        else:
+            epoch = _batches(features, layers, order, mean, std, batch_size, device)
+        for x, rows in epoch:
             # softmax cross-entropy, gradient written out: d loss / d logits = (softmax - onehot) / B
             grad = heads(x).softmax(-1).sub_(onehot[rows.to(device)][None, :, None, :]).div_(len(rows))
             grad = grad.view(num_layers, len(rows), -1)
@@ -125,7 +171,7 @@ def count_correct(heads: LinearHeads, features: dict, labels: torch.Tensor, laye
 def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labels: torch.Tensor,
                     num_classes: int, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, epochs: int = 10,
                     batch_size: int = 64, holdout: float = 0.1, refit: bool = True, seed: int = 0,
-                    device="cpu", return_scores: bool = False) -> dict[int, dict]:
+                    device="cpu", return_scores: bool = False, whiten: float | None = None) -> dict[int, dict]:
     """Linear probes for every layer x lr x wd; choose (lr, wd) per layer on a held-out slice of train.
 
     train: {layer: features [N, D]} (torch tensors or numpy arrays/memmaps, any float dtype; the
@@ -135,12 +181,16 @@ def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labe
     "select_score": top-1 of the chosen head on the held-out slice}}. refit=True retrains the
     chosen head on all of train before reporting; False reports the head fitted without the slice.
     return_scores=True adds "val_scores": logits [M, C] (fp32, CPU) of the reported head.
+    whiten=None trains on the standardised features; a number s >= 0 in their decorrelated
+    eigenbasis, eigenvalues shrunk by s x their mean (see _whitening; the objective is the same).
     Deterministic given seed. Raises ConfigError on an empty grid or bad settings.
     """
     if not lrs or not wds:
         raise ConfigError(f"probe.lrs and probe.wds must be non-empty lists, got {list(lrs)} and {list(wds)}")
     if epochs < 1 or batch_size < 1:
         raise ConfigError(f"probe.epochs and probe.batch_size must be >= 1, got {epochs} and {batch_size}")
+    if whiten is not None and (isinstance(whiten, bool) or not isinstance(whiten, (int, float)) or whiten < 0):
+        raise ConfigError(f"probe.whiten must be null or a number >= 0 (eigenvalue shrinkage), got {whiten!r}")
     layers = list(train)
     if set(val) != set(layers):
         raise ValueError(f"train and val must hold the same layers, got {sorted(train)} and {sorted(val)}")
@@ -152,14 +202,19 @@ def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labe
     common = dict(epochs=epochs, batch_size=batch_size, seed=seed, device=device)
 
     fit_idx, holdout_idx = holdout_split(train_labels, holdout, seed)
-    mean, std = _standardisation(train, layers, fit_idx, device)
+    def normalise(idx):  # (mean, std or transform), and common["penalty"] for a transform
+        if whiten is None:
+            return _standardisation(train, layers, idx, device)
+        mean, transform, common["penalty"] = _whitening(train, layers, idx, device, whiten)
+        return mean, transform
+    mean, std = normalise(fit_idx)
     heads = train_linear_heads(train, train_labels, layers, fit_idx, grid_lr, grid_wd, num_classes, mean, std, **common)
     select = count_correct(heads, train, train_labels, layers, holdout_idx, mean, std, device=device)[1] / len(holdout_idx)
     best = select.argmax(1)  # first maximum: ties go to the earlier (lr, wd) of the grid
 
     if refit:
         all_idx = torch.arange(len(train_labels))
-        mean, std = _standardisation(train, layers, all_idx, device)
+        mean, std = normalise(all_idx)
         heads = train_linear_heads(train, train_labels, layers, all_idx, grid_lr.gather(1, best[:, None]),
                                    grid_wd.gather(1, best[:, None]), num_classes, mean, std, **common)
     else:

@@ -97,6 +97,13 @@ def _whitening(features: dict, layers: list[int], index: torch.Tensor, device,
     return mean, transform.float(), evals.reciprocal().float()
 
 
+def _normalisation(features: dict, layers: list[int], index: torch.Tensor, device, whiten: float | None):
+    """(mean, std [layers, D], None) to standardise, or (mean, transform, penalty) with whiten=s (_whitening)."""
+    if whiten is None:
+        return (*_standardisation(features, layers, index, device), None)
+    return _whitening(features, layers, index, device, whiten)
+
+
 def _batches(features: dict, layers: list[int], index: torch.Tensor, mean, std, batch_size: int, device):
     """Yield (standardised features [layers, B, D], rows [B]) over consecutive slices of index."""
     for start in range(0, len(index), CHUNK_ROWS):
@@ -202,19 +209,14 @@ def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labe
     common = dict(epochs=epochs, batch_size=batch_size, seed=seed, device=device)
 
     fit_idx, holdout_idx = holdout_split(train_labels, holdout, seed)
-    def normalise(idx):  # (mean, std or transform), and common["penalty"] for a transform
-        if whiten is None:
-            return _standardisation(train, layers, idx, device)
-        mean, transform, common["penalty"] = _whitening(train, layers, idx, device, whiten)
-        return mean, transform
-    mean, std = normalise(fit_idx)
+    mean, std, common["penalty"] = _normalisation(train, layers, fit_idx, device, whiten)
     heads = train_linear_heads(train, train_labels, layers, fit_idx, grid_lr, grid_wd, num_classes, mean, std, **common)
     select = count_correct(heads, train, train_labels, layers, holdout_idx, mean, std, device=device)[1] / len(holdout_idx)
     best = select.argmax(1)  # first maximum: ties go to the earlier (lr, wd) of the grid
 
     if refit:
         all_idx = torch.arange(len(train_labels))
-        mean, std = normalise(all_idx)
+        mean, std, common["penalty"] = _normalisation(train, layers, all_idx, device, whiten)
         heads = train_linear_heads(train, train_labels, layers, all_idx, grid_lr.gather(1, best[:, None]),
                                    grid_wd.gather(1, best[:, None]), num_classes, mean, std, **common)
     else:

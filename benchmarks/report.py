@@ -48,6 +48,8 @@ SCRIPT_ARGS = {
     "probe_grid_real.py": {"full": [], "smoke": ["--epochs", "1"]},
     "label_propagation.py": {"full": [], "smoke": ["--frames", "6", "--grid", "16", "--context", "3", "--repeats", "1"]},
     "kinetics_decode.py": {"full": [], "smoke": ["--videos", "2", "--frames", "120", "--repeats", "1"]},
+    "copy_emergence.py": {"full": [], "smoke": ["--layers", "1", "--dim", "64", "--steps", "4", "--eval-every", "2",
+                                                "--codebooks", "64"]},
 }
 # scripts whose figures are a plain-text table at the end of their output: its last lines
 FIGURES_TAIL = {"raw_pixel_baselines.py": 7}

@@ -43,8 +43,8 @@ def test_parameter_count_by_hand():
 
 def test_tiny_preset_and_special_tokens():
     c = TotoConfig.preset("toto-tiny")
-    assert (c.dim, c.n_layers, c.n_heads, c.mlp_hidden, c.vocab_size) == (256, 8, 8, 704, 1027)
-    assert (c.image_start_id, c.video_start_id, c.end_id) == (1024, 1025, 1026)
+    assert (c.dim, c.n_layers, c.n_heads, c.mlp_hidden, c.vocab_size) == (256, 8, 8, 704, 259)
+    assert (c.image_start_id, c.video_start_id, c.end_id) == (256, 257, 258)
     assert (c.grid, c.tokens_per_frame) == (8, 64)
 
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from pretrain_fixtures import REPO, make_corpus, micro_config
 from totobench.cli import main
 from totobench.errors import ConfigError
-from totobench.model.pretrain import (Dist, TokenCorpus, batch_for_step, collate, load_pretrain_config,
-                                      lr_at, next_token_targets)
+from totobench.model.pretrain import (Dist, TokenCorpus, batch_for_step, collate, initial_model,
+                                      load_pretrain_config, lr_at, next_token_targets)
 from totobench.model.toto import TotoConfig
 
 
@@ -63,6 +63,25 @@ def test_config_errors(tmp_path):
         load_pretrain_config(bad)
     with pytest.raises(ConfigError, match="not found"):
         load_pretrain_config(tmp_path / "missing.yaml")
+    bad.write_text("data:\n  sources:\n    - {kind: video, path: x}\ntrain: {output_init: tied}\n")
+    with pytest.raises(ConfigError, match="train.output_init must be one of random, embedding, got 'tied'"):
+        load_pretrain_config(bad)
+
+
+def test_output_head_can_start_as_a_copy_of_the_embedding():
+    mc = TotoConfig.from_dict({**TotoConfig.preset("toto-tiny").to_dict(), "n_layers": 2, "dim": 64, "n_heads": 2,
+                               "mlp_hidden": 128, "codebook_size": 32, "vocab_size": 35})
+    plain, tied = initial_model(mc, 0), initial_model(mc, 0, "embedding")
+    assert torch.equal(tied.output.weight, tied.tok_embeddings.weight)
+    assert tied.output.weight.data_ptr() != tied.tok_embeddings.weight.data_ptr()  # still two parameters
+    assert torch.equal(tied.tok_embeddings.weight, plain.tok_embeddings.weight)
+    assert not torch.equal(plain.output.weight, plain.tok_embeddings.weight)
+    # every other weight is the seeded random init (= random-init:<checkpoint>)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), tied.state_dict().items()):
+        assert name == "output.weight" or torch.equal(a, b), name
+    # the head starts out scoring "the next token is this one": the current token gets the top logit
+    tokens = torch.arange(32)[None]
+    assert torch.equal(tied(tokens).argmax(-1), tokens)
 
 
 def test_sampler_is_keyed_by_step_and_shards_the_global_batch(tmp_path):

@@ -9,23 +9,23 @@ from totobench.model.sequence import (build_batch, build_sequence, clip_frame_in
                                       num_clip_starts, split_sequence, start_id)
 from totobench.model.toto import TotoConfig
 
-CFG = TotoConfig.preset("toto-tiny")  # codebook 1024: image start 1024, video start 1025, end 1026
+CFG = TotoConfig.preset("toto-tiny")  # codebook 256: image start 256, video start 257, end 258
 
 
 def test_video_sequence_layout():
-    frames = torch.arange(2 * 8 * 8).view(2, 8, 8)          # 2 frames of 8x8 ids
+    frames = torch.arange(2 * 8 * 8).view(2, 8, 8)          # 2 frames of 8x8 ids (< 256)
     seq = build_sequence(frames, "video", CFG)
     assert seq.shape == (1 + 128 + 1,)
-    assert int(seq[0]) == 1025 and int(seq[-1]) == 1026
+    assert int(seq[0]) == 257 and int(seq[-1]) == 258
     # raster order, frame after frame: row 0 of frame 0, row 1, ..., then frame 1
     assert seq[1:9].tolist() == list(range(8))
     assert int(seq[1 + 64]) == 64 and int(seq[128]) == 127
 
 
 def test_image_sequence_and_inverse():
-    ids = torch.randint(0, 1024, (8, 64))
+    ids = torch.randint(0, 256, (8, 64))
     seq = build_sequence(ids, "image", CFG)
-    assert int(seq[0]) == 1024 == CFG.image_start_id
+    assert int(seq[0]) == 256 == CFG.image_start_id
     kind, back = split_sequence(seq, CFG)
     assert kind == "image" and torch.equal(back, ids)
     kind, back = split_sequence(build_sequence(ids, "video", CFG, add_end=False), CFG)
@@ -33,17 +33,17 @@ def test_image_sequence_and_inverse():
 
 
 def test_build_batch_prepends_the_start_token():
-    ids = torch.randint(0, 1024, (3, 2, 64))
+    ids = torch.randint(0, 256, (3, 2, 64))
     batch = build_batch(ids, "video", CFG)
     assert batch.shape == (3, 129)
-    assert (batch[:, 0] == 1025).all() and torch.equal(batch[:, 1:], ids.view(3, 128))
+    assert (batch[:, 0] == 257).all() and torch.equal(batch[:, 1:], ids.view(3, 128))
 
 
 def test_bad_inputs():
     with pytest.raises(ValueError):
         start_id(CFG, "audio")
     with pytest.raises(ValueError):
-        build_sequence(torch.full((1, 64), 1024), "image", CFG)   # a special id is not a frame token
+        build_sequence(torch.full((1, 64), 256), "image", CFG)   # a special id is not a frame token
     with pytest.raises(ValueError):
         split_sequence(torch.tensor([5, 6, 7]), CFG)
 

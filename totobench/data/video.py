@@ -13,7 +13,6 @@ from pathlib import Path
 
 import av
 import av.codec.context
-from av.video.reformatter import VideoReformatter
 import numpy as np
 
 from totobench.errors import DataError
@@ -54,9 +53,10 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float | Fraction, crf: 
             "preset": "medium", "crf": str(crf), "threads": "1",
             "x264-params": f"keyint={KEYFRAME_INTERVAL}:min-keyint={KEYFRAME_INTERVAL}:scenecut=0:bframes=0:sliced-threads=0",
         }
-        to_yuv = VideoReformatter()  # one converter for all frames (creating one costs ~1 ms)
         for i in range(t):
-            frame = to_yuv.reformat(av.VideoFrame.from_ndarray(frames[i], format="rgb24"), format="yuv420p")
+            # each frame converted on its own: with one VideoReformatter shared by the frames of a file,
+            # about 1 encode in 20 of the same frames gave other bytes (seen under load)
+            frame = av.VideoFrame.from_ndarray(frames[i], format="rgb24").reformat(format="yuv420p")
             frame.pts = i
             frame.time_base = stream.codec_context.time_base
             for packet in stream.encode(frame):

@@ -20,9 +20,8 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
-from totobench.model.pretrain import initial_model, make_optimizer
+from totobench.model.pretrain import initial_model, make_optimizer, next_token_loss
 from totobench.model.toto import TotoConfig
 
 
@@ -43,9 +42,9 @@ def copy_floor(codebook: int, change: float) -> float:
 
 
 def later_frames_loss(model, seqs: torch.Tensor) -> float:
+    """Mean next-token loss of the tokens of frames 1.. (targets 64.. of the shifted sequence)."""
     with torch.no_grad():
-        logits = model(seqs[:, :-1])
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1), reduction="none")
+        nll = next_token_loss(model, seqs, model.config.end_id, reduction="none")
     return float(nll.reshape(len(seqs), -1)[:, 64:].mean())
 
 
@@ -66,9 +65,7 @@ def run(codebook: int, output_init: str, a) -> list[tuple[int, float]]:
             break
         for g in opt.param_groups:
             g["lr"] = a.lr * min(1.0, (step + 1) / 20)
-        seqs = copy_batch(a.batch_size, a.frames, codebook, a.change, gen)
-        logits = model(seqs[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1))
+        loss = next_token_loss(model, copy_batch(a.batch_size, a.frames, codebook, a.change, gen), mc.end_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -35,7 +35,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float | Fraction, crf: 
     """Encode uint8 frames [T, H, W, 3] (RGB, H and W even) as H.264 yuv420p in an mp4 at `fps`.
 
     Same frames, fps and crf give the same bytes almost always (single-threaded x264, bit-exact
-    muxer); now and then x264 gives other bytes that decode to the same frames within ~1 grey level.
+    muxer); now and then x264 gives other bytes, which decode to nearly the same frames.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:

@@ -50,6 +50,7 @@ SCRIPT_ARGS = {
     "kinetics_decode.py": {"full": [], "smoke": ["--videos", "2", "--frames", "120", "--repeats", "1"]},
     "copy_emergence.py": {"full": [], "smoke": ["--layers", "1", "--dim", "64", "--steps", "4", "--eval-every", "2",
                                                 "--codebooks", "64"]},
+    "change_readout.py": {"full": [], "smoke": ["--clips", "8"]},
 }
 # scripts whose figures are a plain-text table at the end of their output: its last lines
 FIGURES_TAIL = {"raw_pixel_baselines.py": 7}

@@ -34,3 +34,17 @@ def test_truncated_and_deleted_videos_are_skipped_and_reported(tiny_world, micro
     assert str(deleted) in listed and str(truncated) in listed
     assert result["extra"]["num_skipped"]["val"] == len(listed) == 2
     assert result["extra"]["num_skipped"]["train"] == 0
+
+
+def test_k400_probe_gets_the_clip_token_grid_and_rejects_unknown_positions(tiny_world, micro_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    common = ["run", "--model", str(micro_checkpoint), "--tasks", "k400", "--layers", "-1", "--quick",
+              "--set", f"k400.root={tiny_world / 'kinetics400'}", "--set", "probe.epochs=1", "--out", str(out)]
+    assert main(common + ["--set", "probe.positions=everywhere"]) == 2
+    assert "probe.positions must be 'none' or 'spacetime'" in capsys.readouterr().err
+    assert not (out / "micro" / "k400.json").exists()
+    assert main(common) == 0
+    result = load_result(out / "micro" / "k400.json")
+    protocol = result["protocol"]
+    side = protocol["resolution"] // 8 // 2  # patch 8, then tokens_pool2
+    assert list(protocol["settings"]["positions"]) == [protocol["frames"], side, side]

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from totobench.errors import CheckpointError
+from totobench.errors import CheckpointError, ConfigError
 from totobench.probes.attentive import (AttentiveProbe, AttentiveProbeGrid, AttentiveProbes, fit_attentive_grid,
-                                        fit_attentive_grid_streamed)
+                                        fit_attentive_grid_streamed, spacetime_sincos)
 from totobench.probes.linear import fit_linear_grid
 
 
@@ -24,9 +24,12 @@ def one_token_signal(n, length=16, dim=32, num_classes=4, seed=0):
 
 
 def reference_attentive(probe: AttentiveProbes, i: int, tokens: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Probe i computed the textbook way: LayerNorm, materialised keys/values, torch's attention."""
+    """Probe i computed the textbook way: LayerNorm (+ position embedding), materialised keys/values,
+    torch's attention."""
     b, length, dim = tokens.shape
     x = F.layer_norm(tokens, (dim,), probe.norm_weight[i], probe.norm_bias[i])
+    if probe.positions:
+        x = x + probe.pos_embed[i]
     q = probe.query[i] @ probe.q_proj[i] + probe.q_bias[i]
     k, v = x @ probe.k_proj[i], x @ probe.v_proj[i] + probe.v_bias[i]
     split = lambda t: t.reshape(b, -1, num_heads, dim // num_heads).transpose(1, 2)
@@ -48,6 +51,55 @@ def test_folded_attention_equals_textbook_multi_head_attention():
         torch.testing.assert_close(logits[i], reference_attentive(probes, i, tokens, 4), rtol=1e-4, atol=1e-4)
     single = AttentiveProbe(32, 5, num_heads=4, generator=torch.Generator().manual_seed(1))
     assert single(tokens).shape == (6, 5)
+
+
+def test_position_embedding_folds_like_textbook_attention_over_positioned_tokens():
+    g = torch.Generator().manual_seed(0)
+    probes = AttentiveProbes(2, 24, 5, num_heads=4, generator=g, positions=(2, 2, 3))
+    with torch.no_grad():
+        for p in probes.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    tokens = torch.randn(5, 12, 24, generator=g)
+    for i in range(2):
+        torch.testing.assert_close(probes(tokens)[i], reference_attentive(probes, i, tokens, 4), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="need 12 tokens"):
+        probes(tokens[:, :10])
+
+
+def test_spacetime_sincos_gives_every_frame_row_and_column_its_own_code():
+    table = spacetime_sincos(3, 2, 4, 32)
+    assert table.shape == (24, 32) and table.abs().max() <= 1
+    assert len({tuple(row.tolist()) for row in table}) == 24  # all 3*2*4 positions distinct
+    grid = table.reshape(3, 2, 4, 32)
+    third = 32 // 3
+    # the frame block depends on the frame only, the row block on the row only, the column block on the column only
+    assert torch.equal(grid[:, :1, :1, :third].expand(3, 2, 4, third), grid[..., :third])
+    assert torch.equal(grid[:1, :, :1, third:2 * third].expand(3, 2, 4, third), grid[..., third:2 * third])
+    assert torch.equal(grid[:1, :1, :, 2 * third:].expand(3, 2, 4, 32 - 2 * third), grid[..., 2 * third:])
+
+
+def where_signal(n, frames=4, side=2, dim=16, seed=0):
+    """Two classes with the same multiset of tokens: one marked token sits in the first frames
+    (class 0) or the last ones (class 1); only its position tells them apart."""
+    g = torch.Generator().manual_seed(seed)
+    marker = torch.randn(dim, generator=torch.Generator().manual_seed(7)) * 3
+    length = frames * side * side
+    tokens = torch.randn(n, length, dim, generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    half = length // 2
+    position = torch.randint(0, half, (n,), generator=g) + labels * half
+    tokens[torch.arange(n), position] += marker
+    return tokens, labels
+
+
+def test_positions_let_the_probe_read_when_something_happens_where_a_set_probe_cannot():
+    x_train, y_train = where_signal(600, seed=1)
+    x_val, y_val = where_signal(300, seed=2)
+    kw = dict(lrs=(3e-3,), wds=(1e-4,), epochs=30, batch_size=50, num_heads=4)
+    placed = fit_attentive_grid({0: x_train}, y_train, {0: x_val}, y_val, 2, positions=(4, 2, 2), **kw)
+    unordered = fit_attentive_grid({0: x_train}, y_train, {0: x_val}, y_val, 2, **kw)
+    assert placed[0]["metrics"]["top1"] >= 0.9
+    assert unordered[0]["metrics"]["top1"] <= 0.65
 
 
 def test_attentive_probe_finds_the_one_informative_token_that_mean_pooling_washes_out():

@@ -56,7 +56,7 @@ SIZES = {
     "tiny": WorldSize(imagenet_train=3, imagenet_val=2, kinetics_train=2, kinetics_val=1, ego_train=2, ego_val=2,
                       ego_interactions=2, davis_train=2, davis_val=2, davis_frames=10,
                       pretrain_images=16, pretrain_videos=6),
-    "default": WorldSize(imagenet_train=180, imagenet_val=50, kinetics_train=60, kinetics_val=20, ego_train=48,
+    "default": WorldSize(imagenet_train=180, imagenet_val=50, kinetics_train=300, kinetics_val=40, ego_train=48,
                          ego_val=24, ego_interactions=3, davis_train=24, davis_val=12, davis_frames=24,
                          pretrain_images=4000, pretrain_videos=800),
 }
@@ -69,7 +69,7 @@ DAVIS_SHAPE = (96, 128)
 PRETRAIN_IMAGE_SIZE, PRETRAIN_VIDEO_SHAPE, PRETRAIN_FRAMES, PRETRAIN_FPS = 80, (96, 96), 32, 8
 
 # Bump a root's version when its content changes: existing worlds regenerate that root only.
-ROOT_VERSIONS = {"pretrain": 1, "imagenet": 2, "kinetics400": 1, "ego4d": 1, "davis": 3}
+ROOT_VERSIONS = {"pretrain": 1, "imagenet": 2, "kinetics400": 2, "ego4d": 1, "davis": 3}
 MANIFEST = "world.json"
 JPEG_QUALITY = 90
 

@@ -9,6 +9,13 @@ are a projection of the attention-weighted mean of the tokens, so a probe costs 
 per item instead of the O(L * D^2) of materialised keys and values. The result is exactly
 standard multi-head attention (tests compare it with torch's scaled_dot_product_attention).
 
+`positions=(T, H, W)` adds a learnable space-time position embedding to the (normalised) tokens,
+laid out frame by frame in raster order, initialised with fixed sines and cosines of frame, row and
+column (a third of the channels each). Toto's rotary embedding leaves no absolute position in its
+features, so without it the probe sees a clip as an unordered set of tokens: it cannot tell where
+or when something changed, which is what separates "moving left" from "moving right". (Probes of
+encoders with additive position embeddings, such as V-JEPA's, get this from the features.)
+
 `AttentiveProbeGrid` trains probes for several layers x lrs x wds from streamed batches (one
 backbone pass yields every layer's tokens), selects on a held-out slice, and can be resumed.
 """
@@ -35,14 +42,36 @@ Batches = Callable[[], Iterable[tuple[dict[int, torch.Tensor], torch.Tensor]]]
 EpochBatches = Callable[[int], Iterable[tuple[dict[int, torch.Tensor], torch.Tensor]]]
 
 
+def spacetime_sincos(frames: int, height: int, width: int, dim: int) -> torch.Tensor:
+    """[frames * height * width, dim]: sines and cosines of (frame, row, col), a third of the
+    channels each (frame first), tokens in frame-then-raster order; values in [-1, 1]."""
+    def axis(n: int, channels: int) -> torch.Tensor:
+        pos = torch.arange(n, dtype=torch.float32)[:, None]
+        freq = torch.exp(-math.log(100.0) * torch.arange(channels // 2, dtype=torch.float32) / max(1, channels // 2))
+        table = torch.zeros(n, channels)
+        table[:, 0:2 * (channels // 2):2], table[:, 1:2 * (channels // 2):2] = torch.sin(pos * freq), torch.cos(pos * freq)
+        return table
+    third = dim // 3
+    t, r, c = axis(frames, third), axis(height, third), axis(width, dim - 2 * third)
+    table = torch.cat([t[:, None, None].expand(frames, height, width, third),
+                       r[None, :, None].expand(frames, height, width, third),
+                       c[None, None, :].expand(frames, height, width, dim - 2 * third)], -1)
+    return table.reshape(frames * height * width, dim)
+
+
 class AttentiveProbes(nn.Module):
     """n independent attentive probes over the same tokens; forward(tokens [B, L, D]) -> logits [n, B, C]."""
 
-    def __init__(self, n: int, dim: int, num_classes: int, num_heads: int = 8, generator: torch.Generator | None = None):
+    def __init__(self, n: int, dim: int, num_classes: int, num_heads: int = 8, generator: torch.Generator | None = None,
+                 positions: tuple[int, int, int] | None = None):
         super().__init__()
         if dim % num_heads:
             raise ConfigError(f"probe.num_heads ({num_heads}) must divide the feature dim ({dim})")
         self.num_heads = num_heads
+        self.positions = tuple(positions) if positions else None
+        if self.positions:
+            table = spacetime_sincos(*self.positions, dim)
+            self.pos_embed = nn.Parameter(table[None].repeat(n, 1, 1))  # [n, T*H*W, D]
 
         def normal(*shape, std):
             return nn.Parameter(torch.randn(*shape, generator=generator) * std)
@@ -73,11 +102,20 @@ class AttentiveProbes(nn.Module):
         k_weight = self.k_proj.view(n, dim, heads, head_dim)
         # fold each head's query into its key weights; LayerNorm's scale folds in too, its shift only
         # adds the same constant to every score of a head (softmax ignores it)
-        key_dirs = torch.einsum("ndhe,nhe->ndh", k_weight, q.view(n, heads, head_dim)) / math.sqrt(head_dim)
-        key_dirs = key_dirs * self.norm_weight[:, :, None]
-        attn = torch.einsum("bld,ndh->nbhl", x, key_dirs).softmax(-1)
+        raw_dirs = torch.einsum("ndhe,nhe->ndh", k_weight, q.view(n, heads, head_dim)) / math.sqrt(head_dim)
+        key_dirs = raw_dirs * self.norm_weight[:, :, None]
+        scores = torch.einsum("bld,ndh->nbhl", x, key_dirs)
+        if self.positions:
+            if x.shape[1] != self.pos_embed.shape[1]:
+                raise ConfigError(f"attentive probe: positions {self.positions} need {self.pos_embed.shape[1]} tokens "
+                                  f"per item, got {x.shape[1]}")
+            # the probe's tokens are LN(x) * w + b + pos: pos meets the key weights unscaled
+            scores = scores + torch.einsum("nld,ndh->nhl", self.pos_embed, raw_dirs)[:, None]
+        attn = scores.softmax(-1)
         pooled = torch.einsum("nbhl,bld->nbhd", attn, x)  # per-head attention-weighted mean of tokens
         pooled = pooled * self.norm_weight[:, None, None, :] + self.norm_bias[:, None, None, :]
+        if self.positions:
+            pooled = pooled + torch.einsum("nbhl,nld->nbhd", attn, self.pos_embed)
         v = torch.einsum("nbhd,ndhe->nbhe", pooled, self.v_proj.view(n, dim, heads, head_dim))
         v = v.reshape(n, -1, dim) + self.v_bias[:, None, :]
         out = v @ self.out_proj + self.out_bias[:, None, :]
@@ -105,17 +143,19 @@ class AttentiveProbeGrid:
 
     def __init__(self, layers: list[int], dim: int, num_classes: int, lrs=DEFAULT_LRS, wds=DEFAULT_WDS,
                  num_heads: int = 8, total_steps: int | None = None, warmup_steps: int = 0, seed: int = 0,
-                 device="cpu"):
+                 device="cpu", positions: tuple[int, int, int] | None = None):
         if not lrs or not wds:
             raise ConfigError(f"probe.lrs and probe.wds must be non-empty lists, got {list(lrs)} and {list(wds)}")
         self.layers = list(layers)
         self.hparams = [(float(lr), float(wd)) for lr in lrs for wd in wds]
         self.config = {"layers": self.layers, "dim": dim, "num_classes": num_classes, "hparams": self.hparams,
-                       "num_heads": num_heads, "total_steps": total_steps, "warmup_steps": warmup_steps, "seed": seed}
+                       "num_heads": num_heads, "total_steps": total_steps, "warmup_steps": warmup_steps, "seed": seed,
+                       "positions": list(positions) if positions else None}
         self.num_classes, self.device = num_classes, device
         self.total_steps, self.warmup_steps = total_steps, warmup_steps
         generator = torch.Generator().manual_seed(seed)
-        self.probes = nn.ModuleDict({str(layer): AttentiveProbes(len(self.hparams), dim, num_classes, num_heads, generator)
+        self.probes = nn.ModuleDict({str(layer): AttentiveProbes(len(self.hparams), dim, num_classes, num_heads, generator,
+                                                                         positions)
                                      for layer in self.layers}).to(device)
         lr = torch.tensor([lr for lr, _ in self.hparams])
         wd = torch.tensor([wd for _, wd in self.hparams])
@@ -218,7 +258,8 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
                                 steps_per_epoch: int | None = None, seed: int = 0, device="cpu",
                                 state_path: str | Path | None = None,
                                 on_epoch: Callable[[int, float], None] | None = None,
-                                return_scores: bool = False) -> dict[int, dict]:
+                                return_scores: bool = False,
+                                positions: tuple[int, int, int] | None = None) -> dict[int, dict]:
     """Train an AttentiveProbeGrid for `epochs` over streamed batches, select, report on val.
 
     train_batches(epoch), holdout_batches() and val_batches() each return a fresh iterable of
@@ -230,6 +271,7 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
     Returns {layer: {"metrics": {"top1", "top5"} on val, "best_hparams": {"lr", "wd"},
     "select_score": held-out top-1}} (the probes are trained without the held-out slice; no refit).
     return_scores=True adds "val_scores": logits [M, C] (fp32, CPU) of the chosen probe.
+    positions=(T, H, W): space-time position embeddings in the probes (see AttentiveProbes).
     """
     if epochs < 1:
         raise ConfigError(f"probe.epochs must be >= 1, got {epochs}")
@@ -240,7 +282,7 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
             steps_per_epoch = None
     total = epochs * steps_per_epoch if steps_per_epoch else None
     warmup = int(warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
-    grid = AttentiveProbeGrid(layers, dim, num_classes, lrs, wds, num_heads, total, warmup, seed, device)
+    grid = AttentiveProbeGrid(layers, dim, num_classes, lrs, wds, num_heads, total, warmup, seed, device, positions)
     start_epoch = 0
     if state_path is not None and Path(state_path).exists():
         saved = torch.load(state_path, map_location=device, weights_only=False)
@@ -280,7 +322,8 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
 def fit_attentive_grid(train: dict, train_labels, val: dict, val_labels, num_classes: int, lrs=DEFAULT_LRS,
                        wds=DEFAULT_WDS, epochs: int = 10, batch_size: int = 64, holdout: float = 0.1,
                        num_heads: int = 8, warmup_epochs: float = 0.0, seed: int = 0, device="cpu",
-                       state_path: str | Path | None = None, return_scores: bool = False) -> dict[int, dict]:
+                       state_path: str | Path | None = None, return_scores: bool = False,
+                       positions: tuple[int, int, int] | None = None) -> dict[int, dict]:
     """The attentive grid on stored token features, with the linear grid's signature.
 
     train: {layer: tokens [N, L, D]} (tensors or numpy arrays/memmaps, any float dtype), val:
@@ -308,4 +351,4 @@ def fit_attentive_grid(train: dict, train_labels, val: dict, val_labels, num_cla
         lambda epoch: batches(train, train_labels, fit_idx, epoch), lambda: batches(train, train_labels, holdout_idx),
         lambda: batches(val, val_labels, torch.arange(len(val_labels))), layers, train[layers[0]].shape[-1], num_classes,
         lrs, wds, epochs, num_heads, warmup_epochs, steps_per_epoch=-(-len(fit_idx) // batch_size), seed=seed,
-        device=device, state_path=state_path, return_scores=return_scores)
+        device=device, state_path=state_path, return_scores=return_scores, positions=positions)

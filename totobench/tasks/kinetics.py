@@ -9,6 +9,7 @@ Videos that are missing, unreadable or too short are skipped, counted and report
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -140,6 +141,8 @@ class VideoClassification(Task):
             probe["epochs"] = self.cfg["quick"]["epochs"]
         num_classes = len(train_index.classes)
         tr_sel, va_sel = _select(tr), _select(va)
+        if "positions" in probe:
+            probe["positions"] = _probe_positions(self.cfg["_path"], probe["positions"], name, tr_sel, frames)
         rows = fit_probe(name, probe, tr_sel, va_sel, num_classes, ctx, return_scores=True)
         for row in rows:  # report per video: scores averaged over its views
             row.metrics = video_level_metrics(row.extra.pop("val_scores"), va_sel.labels, va_sel.groups)
@@ -160,6 +163,21 @@ class VideoClassification(Task):
                           dataset_fingerprint=f"{train_index.fingerprint()}+{val_index.fingerprint()}",
                           extra={"skipped": skipped, "num_skipped": n_skipped},
                           timing_s={"extract": t1 - t0, "probe": t2 - t1})
+
+
+def _probe_positions(path, value, probe_name: str, features, frames: int) -> tuple[int, int, int] | None:
+    """probe.positions: "none" or "spacetime" -> None or the (frames, rows, cols) of the clip's token grid."""
+    if value in (None, "none"):
+        return None
+    if value != "spacetime" or probe_name != "attentive":
+        raise ConfigError(f"{path}: probe.positions must be 'none' or 'spacetime' (attentive probe only), "
+                          f"got {value!r} for probe '{probe_name}'")
+    tokens = np.asarray(next(iter(features.feats.values()))).shape[1]
+    side = math.isqrt(tokens // frames)
+    if frames * side * side != tokens:
+        raise ConfigError(f"{path}: probe.positions needs a square token grid per frame, "
+                          f"got {tokens} tokens for {frames} frames (pooling 'tokens' or 'tokens_pool<k>')")
+    return frames, side, side
 
 
 def _limit(index, per_class: int | None) -> None:

@@ -1,5 +1,5 @@
-"""Kinetics: a truncated and a deleted mp4 in the val split never stop the run; the result file
-lists both as skipped."""
+"""Kinetics runs: a truncated and a deleted mp4 in the val split never stop the run (the result file
+lists both as skipped); the attentive probe gets the clip's token grid for its position embedding."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def test_k400_probe_gets_the_clip_token_grid_and_rejects_unknown_positions(tiny_
               "--set", f"k400.root={tiny_world / 'kinetics400'}", "--set", "probe.epochs=1", "--out", str(out)]
     assert main(common + ["--set", "probe.positions=everywhere"]) == 2
     assert "probe.positions must be 'none' or 'spacetime'" in capsys.readouterr().err
+    assert main(common + ["--set", "probe.pooling=mean"]) == 2
+    assert "needs every token" in capsys.readouterr().err
     assert not (out / "micro" / "k400.json").exists()
     assert main(common) == 0
     result = load_result(out / "micro" / "k400.json")

@@ -108,6 +108,10 @@ class VideoClassification(Task):
         name = probe.pop("name", "attentive")
         if name not in PROBES:
             raise ConfigError(f"{self.cfg['_path']}: probe.name '{name}' is not one of {', '.join(PROBES)}")
+        positions = probe.pop("positions", "none")
+        if positions not in ("none", None, "spacetime") or (positions == "spacetime" and name != "attentive"):
+            raise ConfigError(f"{self.cfg['_path']}: probe.positions must be 'none' or 'spacetime' (attentive probe "
+                              f"only), got {positions!r} for probe '{name}'")
         inp = self.cfg.get("input", {})
         mc = ctx.backbone.config
         frames = inp.get("frames") or mc.num_frames
@@ -126,6 +130,9 @@ class VideoClassification(Task):
         train = ClipViews(train_index, frames, stride, resolution, True, train_clips, 1, ctx.seed)
         val = ClipViews(val_index, frames, stride, resolution, False, clips, crops, ctx.seed)
         pooling = probe.pop("pooling", "tokens" if name == "attentive" else "mean")
+        if positions == "spacetime" and pooling != "tokens" and not pooling.startswith("tokens_pool"):
+            raise ConfigError(f"{self.cfg['_path']}: probe.positions 'spacetime' needs every token (pooling 'tokens' "
+                              f"or 'tokens_pool<k>'), got pooling {pooling!r}")
         transform = f"shortside-crop-{resolution}-f{frames}-s{stride}"
         common = dict(kind="video" if frames > 1 else "image", pooling=pooling, cache=ctx.cache,
                       batch_size=max(1, ctx.batch_size // max(frames, 1)), num_workers=ctx.num_workers,
@@ -141,8 +148,8 @@ class VideoClassification(Task):
             probe["epochs"] = self.cfg["quick"]["epochs"]
         num_classes = len(train_index.classes)
         tr_sel, va_sel = _select(tr), _select(va)
-        if "positions" in probe:
-            probe["positions"] = _probe_positions(self.cfg["_path"], probe["positions"], name, tr_sel, frames)
+        if positions == "spacetime":
+            probe["positions"] = _clip_token_grid(self.cfg["_path"], tr_sel, frames)
         rows = fit_probe(name, probe, tr_sel, va_sel, num_classes, ctx, return_scores=True)
         for row in rows:  # report per video: scores averaged over its views
             row.metrics = video_level_metrics(row.extra.pop("val_scores"), va_sel.labels, va_sel.groups)
@@ -165,13 +172,8 @@ class VideoClassification(Task):
                           timing_s={"extract": t1 - t0, "probe": t2 - t1})
 
 
-def _probe_positions(path, value, probe_name: str, features, frames: int) -> tuple[int, int, int] | None:
-    """probe.positions: "none" or "spacetime" -> None or the (frames, rows, cols) of the clip's token grid."""
-    if value in (None, "none"):
-        return None
-    if value != "spacetime" or probe_name != "attentive":
-        raise ConfigError(f"{path}: probe.positions must be 'none' or 'spacetime' (attentive probe only), "
-                          f"got {value!r} for probe '{probe_name}'")
+def _clip_token_grid(path, features, frames: int) -> tuple[int, int, int]:
+    """(frames, rows, cols) of the token features of a clip (probe.positions: spacetime)."""
     tokens = np.asarray(next(iter(features.feats.values()))).shape[1]
     side = math.isqrt(tokens // frames)
     if frames * side * side != tokens:

@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from totobench.data.kinetics import KineticsIndex
 from totobench.data.world import ensure_data_world
 from totobench.model.registry import load_backbone
+from totobench.model.sequence import build_batch
 from totobench.tasks.kinetics import ClipViews
 
 
@@ -30,9 +31,9 @@ def layer_features(backbone, frames: torch.Tensor) -> tuple[list[torch.Tensor], 
     """frames float [B, T, 3, R, R] -> (per layer [B, T, hw, D] features, changed mask [B, T, hw])."""
     ids = backbone.tokenize(frames)
     B, T, hw = ids.shape
-    seq = torch.cat([torch.full((B, 1), backbone.config.video_start_id), ids.reshape(B, -1)], 1)
-    with torch.no_grad():
-        hidden = backbone.model.forward_intermediates(seq, list(range(backbone.config.n_layers)))
+    with torch.no_grad():  # the extractor's layout: [video start, frame 0 tokens, ...]
+        hidden = backbone.model.forward_intermediates(build_batch(ids, "video", backbone.config),
+                                                      list(range(backbone.config.n_layers)))
     changed = torch.zeros(B, T, hw, dtype=torch.bool)
     changed[:, 1:] = ids[:, 1:] != ids[:, :-1]
     return [h[:, 1:].reshape(B, T, hw, -1).float() for h in hidden], changed

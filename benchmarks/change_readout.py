@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from totobench.data.kinetics import KineticsIndex
 from totobench.data.world import ensure_data_world
-from totobench.model.registry import load_backbone
+from totobench.model import load_backbone
 from totobench.model.sequence import build_batch
 from totobench.tasks.kinetics import ClipViews
 

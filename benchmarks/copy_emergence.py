@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from totobench.model.pretrain import initial_model, make_optimizer, next_token_loss
 from totobench.model.toto import TotoConfig
+from totobench.pretrain import initial_model, make_optimizer, next_token_loss
 
 
 def copy_batch(n: int, frames: int, codebook: int, change: float, gen: torch.Generator) -> torch.Tensor:

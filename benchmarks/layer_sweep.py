@@ -23,8 +23,7 @@ import time
 
 import torch
 
-from totobench.model import Toto, TotoConfig
-from totobench.model.registry import Backbone, load_backbone
+from totobench.model import Backbone, Toto, TotoConfig, load_backbone
 from totobench.model.tokenizer import VisualTokenizer
 from totobench.paths import checkpoints_dir
 

@@ -76,25 +76,24 @@ def real_layers(model: str):
 
     from totobench.features.cache import FeatureCache
     from totobench.features.extract import extract_features
-    from totobench.model.registry import load_backbone
+    from totobench.model import load_backbone
     from totobench.paths import cache_home
+    from totobench.registry import TASKS
     from totobench.runner import resolve_data_root
-    from totobench.tasks.base import task_class
     from totobench.tasks.config import load_task_config
 
     cfg = load_task_config("imagenet-linear")
     backbone = load_backbone(model)
-    ctx = SimpleNamespace(data_root=resolve_data_root(cfg, None), backbone=backbone, quick=False)
-    task = task_class(cfg["class"])("imagenet-linear", cfg)
+    ctx = SimpleNamespace(data_root=resolve_data_root(cfg, None), backbone=backbone, quick=False, batch_size=64)
+    task = TASKS.get(cfg.kind)(cfg)
     layers = list(range(backbone.num_layers))
     out = []
-    for split in (cfg["dataset"].get("train_split", "train"), cfg["dataset"].get("val_split", "val")):
-        data, folder, key = task._split(ctx, split, None)
-        feats = extract_features(backbone, data, layers, kind="image", pooling="mean", cache=FeatureCache(cache_home()),
-                                 key_parts=key, batch_size=64)
+    for split in task.splits(ctx, task.resolve_input(backbone)):   # the task's own train and val
+        feats = extract_features(backbone, split.dataset, layers, kind="image", pooling="mean",
+                                 cache=FeatureCache(cache_home()), key_parts=split.key, batch_size=64)
         out += [{layer: torch.from_numpy(np.asarray(feats.feats[layer], dtype=np.float32)) for layer in layers},
                 torch.from_numpy(np.asarray(feats.labels))]
-    return (*out, len(folder.classes))
+    return (*out, split.info["num_classes"])
 
 
 def main():
@@ -111,9 +110,9 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from totobench.tasks.config import load_task_config
-    task_probe = load_task_config("imagenet-linear")["probe"]
-    args.epochs = args.epochs or int(task_probe["epochs"])
-    whiten = task_probe.get("whiten") if args.whiten is None else (None if args.whiten == "none" else float(args.whiten))
+    task_probe = load_task_config("imagenet-linear").probe
+    args.epochs = args.epochs or task_probe.epochs
+    whiten = task_probe.whiten if args.whiten is None else (None if args.whiten == "none" else float(args.whiten))
     lrs, wds = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (1e-4, 1e-2)
     cs = np.logspace(-2, 1, len(lrs) * len(wds))  # spans C = 1 / (wd * N) of the wd grid
     if args.real:

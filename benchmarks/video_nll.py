@@ -18,7 +18,7 @@ import argparse
 import torch
 from totobench.data.kinetics import KineticsIndex
 from totobench.data.world import ensure_data_world
-from totobench.model.registry import load_backbone
+from totobench.model import load_backbone
 from totobench.tasks.kinetics import ClipViews
 
 

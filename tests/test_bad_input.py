@@ -62,18 +62,18 @@ def test_dataset_root_of_the_wrong_format(run, tiny_world):
 
 def test_unknown_task_name(run):
     code, lines = run(tasks="imagenet-linaer")
-    _one_line(code, lines, "unknown task 'imagenet-linaer'", "did you mean imagenet-linear")
+    _one_line(code, lines, "unknown task 'imagenet-linaer'", "did you mean 'imagenet-linear'")
 
 
 def test_unknown_model_name(run):
     code, lines = run(model="toto-tiyn")
-    _one_line(code, lines, "unknown model 'toto-tiyn'", "did you mean toto-tiny")
+    _one_line(code, lines, "unknown model 'toto-tiyn'", "did you mean 'toto-tiny'")
 
 
 @pytest.mark.parametrize("body,words", [
     ("datset: {format: imagenet}\n", ["unknown key 'datset'", "did you mean 'dataset'"]),
     ("batch_size: sixty\n", ["'batch_size' must be an integer", "'sixty'"]),
-    ("quick: {max_train_per_class: [2]}\n", ["'quick.max_train_per_class' must be an integer"]),
+    ("quick: {max_train_per_class: [2]}\n", ["quick.max_train_per_class: expected an integer, got [2]"]),
     ("probe: {name: linear\n", ["is not valid YAML"]),
 ])
 def test_malformed_task_yaml(run, tmp_path, monkeypatch, body, words):

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from totobench.cli import main
+from totobench.errors import DataError, TotobenchError
+from totobench.features import distributed
 from totobench.features.cache import FeatureCache
-from totobench.features.extract import extract_features, plan_chunks, run_extraction_job
+from totobench.features.extract import extract_features, plan_chunks, run_extraction_job, serve_extraction
 
 
 def _run_args(world, checkpoint):
@@ -48,10 +50,28 @@ def test_plan_chunks_are_whole_batches_independent_of_the_world_size(monkeypatch
     assert len(plan_chunks(100 * 64, 64)) == 50
 
 
+def test_a_failed_share_reaches_rank_0_as_one_error_of_its_kind():
+    with pytest.raises(TotobenchError, match="^rank 0: bad root$"):    # a user error stays one
+        distributed.collect_reports(distributed.failure_report(DataError("bad root")))
+    with pytest.raises(RuntimeError, match="^rank 0: boom$"):
+        distributed.collect_reports(distributed.failure_report(ValueError("boom")))
+    assert distributed.collect_reports({"computed": 2, "reused": 1}) == [{"computed": 2, "reused": 1}]
+
+
+def test_a_serving_rank_reports_each_job_and_stops_on_stop(monkeypatch):
+    """A job that fails is reported (rank 0 raises it), not raised: the rank serves on until STOP."""
+    jobs = iter([{"op": "extract", "cache_root": 1}, None])    # a malformed job, then STOP
+    sent = []
+    monkeypatch.setattr(distributed, "receive_job", lambda: next(jobs))
+    monkeypatch.setattr(distributed, "send_report", sent.append)
+    assert serve_extraction(backbone=None, device=torch.device("cpu")) == 0
+    assert [r["user_error"] for r in sent] == [False] and sent[0]["error"].startswith("rank 0: ")
+
+
 def test_chunks_another_rank_committed_are_reused_by_one_process(micro_checkpoint, tmp_path, monkeypatch):
     """A torchrun run killed after rank 1 committed its chunks resumes in one process without them."""
     from totobench.features.extract import Indexed
-    from totobench.model.registry import load_backbone
+    from totobench.model import load_backbone
     backbone = load_backbone(str(micro_checkpoint))
     g = torch.Generator().manual_seed(0)
     data = [(torch.rand(1, 3, 64, 64, generator=g), i % 2) for i in range(16)]

@@ -41,12 +41,13 @@ def test_k400_probe_gets_the_clip_token_grid_and_rejects_unknown_positions(tiny_
     common = ["run", "--model", str(micro_checkpoint), "--tasks", "k400", "--layers", "-1", "--quick",
               "--set", f"k400.root={tiny_world / 'kinetics400'}", "--set", "probe.epochs=1", "--out", str(out)]
     assert main(common + ["--set", "probe.positions=everywhere"]) == 2
-    assert "probe.positions must be 'none' or 'spacetime'" in capsys.readouterr().err
+    assert "probe.positions: expected one of 'none', 'spacetime', got 'everywhere'" in capsys.readouterr().err
     assert main(common + ["--set", "probe.pooling=mean"]) == 2
     assert "needs every token" in capsys.readouterr().err
     assert not (out / "micro" / "k400.json").exists()
     assert main(common) == 0
     result = load_result(out / "micro" / "k400.json")
     protocol = result["protocol"]
-    side = protocol["resolution"] // 8 // 2  # patch 8, then tokens_pool2
-    assert list(protocol["settings"]["positions"]) == [protocol["frames"], side, side]
+    side = protocol["input"]["resolution"] // 8 // 2  # patch 8, then tokens_pool2
+    assert protocol["settings"]["positions"] == "spacetime"
+    assert protocol["data"]["token_grid"] == [protocol["input"]["frames"], side, side]

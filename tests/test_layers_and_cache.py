@@ -1,5 +1,8 @@
 """Layer specs and the feature cache's integrity checks."""
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
 
@@ -45,6 +48,21 @@ def test_cache_key_changes_with_every_part():
     for k in base:
         keys.add(cache_key(**{**base, k: "other"}))
     assert len(keys) == len(base) + 1
+
+
+def test_cache_key_and_entry_format_are_those_of_existing_caches(tmp_path):
+    """Keys and files written before stay hits: a changed key or record format would silently
+    recompute every user's features."""
+    key = cache_key(checkpoint="abc", layer=3, pooling="mean", dataset="d", chunk="0:8")
+    assert key == "46adc4e418a06ba763e54f94adac3619"
+    values = np.arange(12, dtype=np.float16).reshape(3, 4)
+    np.save(tmp_path / f"{key}.npy", values)   # an entry as an earlier totobench wrote it
+    shard = (tmp_path / f"{key}.npy").read_bytes()
+    record = {"shape": [3, 4], "dtype": "float16", "sha256": hashlib.sha256(shard).hexdigest(), "bytes": len(shard)}
+    (tmp_path / f"{key}.json").write_text(json.dumps(record))
+    np.testing.assert_array_equal(FeatureCache(tmp_path).load(key), values)
+    FeatureCache(tmp_path / "new").writer(key, values.shape).commit()
+    assert json.loads((tmp_path / "new" / f"{key}.json").read_text()).keys() == record.keys()
 
 
 def test_aborted_writer_leaves_nothing(tmp_path):

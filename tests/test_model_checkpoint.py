@@ -7,9 +7,11 @@ import types
 import pytest
 import torch
 
+from totobench.commands.info import cli_info
 from totobench.errors import CheckpointError
 from totobench.model import Toto, TotoConfig
-from totobench.model.checkpoint import cli_info, load_checkpoint, save_checkpoint
+from totobench.model.backbone import load_checkpoint
+from totobench.model.checkpoint import save_checkpoint
 from totobench.model.tokenizer import VisualTokenizer
 
 CONFIG = TotoConfig(dim=32, n_layers=2, n_heads=2, mlp_hidden=48, codebook_size=16, vocab_size=19,
@@ -114,3 +116,10 @@ def test_cli_info_prints_config_params_sha_and_training(saved, capsys):
     assert sha in out
     assert f"{model.num_params():,}" in out
     assert "mlp_hidden" in out and "final_loss" in out and "2.5" in out
+
+
+def test_save_leaves_only_the_checkpoint_files(saved):
+    _, directory, _ = saved
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors", "tokenizer",
+                                                           "training.json"]
+    assert sorted(p.name for p in (directory / "tokenizer").iterdir()) == ["config.json", "model.safetensors"]

@@ -1,11 +1,12 @@
-"""Backbone registry: names, random-init baseline, tokenize and forward_frames."""
+"""Backbones (model/backbone.py): names, model families, random-init baseline, tokenize and forward_frames."""
 
 import pytest
 import torch
 
-import totobench.model.registry as registry
+import totobench.model.backbone as backbone_module
 from totobench.errors import CheckpointError, ConfigError, DataError
 from totobench.model import Toto, TotoConfig, load_backbone
+from totobench.model.backbone import load_checkpoint
 from totobench.model.checkpoint import save_checkpoint
 from totobench.model.tokenizer import VisualTokenizer
 
@@ -94,8 +95,8 @@ def test_random_init_same_config_and_tokenizer_seeded_weights(backbone, checkpoi
 
 
 def test_registered_names_resolve_under_checkpoints_dir(checkpoint, monkeypatch):
-    monkeypatch.setattr(registry, "checkpoints_dir", lambda: checkpoint.parent)
-    assert registry.list_models() == ["my-toto", "toto-tiny", "random-init:my-toto", "random-init:toto-tiny"]
+    monkeypatch.setattr(backbone_module, "checkpoints_dir", lambda: checkpoint.parent)
+    assert backbone_module.list_models() == ["my-toto", "toto-tiny", "random-init:my-toto", "random-init:toto-tiny"]
     assert load_backbone("my-toto").name == "my-toto"
     assert load_backbone("random-init:my-toto").name == "random-init:my-toto"
     with pytest.raises(CheckpointError, match="toto-tiny checkpoint is missing"):
@@ -103,7 +104,7 @@ def test_registered_names_resolve_under_checkpoints_dir(checkpoint, monkeypatch)
 
 
 def test_unknown_name_suggests_close_matches():
-    with pytest.raises(ConfigError, match="unknown model 'toto-tni'; did you mean toto-tiny"):
+    with pytest.raises(ConfigError, match="unknown model 'toto-tni'; did you mean 'toto-tiny'"):
         load_backbone("toto-tni")
 
 
@@ -126,7 +127,6 @@ def test_frames_larger_than_the_model_resolution(backbone):
 def test_a_retrained_tokenizer_changes_the_feature_identity(checkpoint, tmp_path):
     """Same transformer weights, other tokenizer: the cache key part (features_id) differs, so cached
     features of the old tokenizer are never reused; random-init baselines included."""
-    from totobench.model.checkpoint import load_checkpoint
     model, _, _, _ = load_checkpoint(checkpoint, "cpu")
     torch.manual_seed(7)
     other = tmp_path / "my-toto"
@@ -136,3 +136,17 @@ def test_a_retrained_tokenizer_changes_the_feature_identity(checkpoint, tmp_path
     assert a.tokenizer_sha256 != b.tokenizer_sha256 and a.features_id != b.features_id
     ra, rb = load_backbone("random-init:" + str(checkpoint)), load_backbone("random-init:" + str(other))
     assert ra.sha256 == rb.sha256 and ra.features_id != rb.features_id
+
+
+def test_family_prefix_picks_the_registered_loader(backbone, checkpoint):
+    from totobench.registry import MODELS
+    assert MODELS.get("checkpoint") is backbone_module.load_checkpoint_backbone
+    assert MODELS.get("random-init") is backbone_module.load_random_init_backbone
+    explicit = load_backbone(f"checkpoint:{checkpoint}")
+    assert (explicit.name, explicit.sha256, explicit.path) == (backbone.name, backbone.sha256, checkpoint)
+
+
+def test_unknown_family_suggests_the_closest_registered_one():
+    with pytest.raises(ConfigError, match=r"^unknown model family 'radnom-init' in 'radnom-init:toto-tiny'; "
+                                          r"did you mean 'random-init'\?$"):
+        load_backbone("radnom-init:toto-tiny")

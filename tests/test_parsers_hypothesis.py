@@ -16,13 +16,18 @@ from hypothesis import strategies as st
 from totobench.data.ego4d import StaAnnotations, load_sta
 from totobench.data.kinetics import read_kinetics_csv
 from totobench.errors import ConfigError, DataError
-from totobench.tasks.config import (DATASET_KEYS, INPUT_KEYS, QUICK_KEYS, TOP_LEVEL_KEYS,
-                                    apply_overrides, load_yaml_with_includes, validate_task_config)
+import dataclasses
+
+from totobench.registry import PROBES, TASKS
+from totobench.tasks.config import TOP_LEVEL_KEYS, apply_overrides, build_task_config, load_yaml_with_includes
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # JSON-like values; keys drawn partly from the real schema so validation goes past the first key
-KEYS = sorted({*TOP_LEVEL_KEYS, *DATASET_KEYS, *INPUT_KEYS, *QUICK_KEYS, "root", "name", "epochs"})
+SPECS = [spec for name in TASKS.names() for spec in (TASKS.get(name).Dataset, TASKS.get(name).Input,
+                                                      TASKS.get(name).Quick)] + [PROBES.get(n).Spec for n in PROBES.names()]
+PROBE_KEYS = sorted({f.name for n in PROBES.names() for f in dataclasses.fields(PROBES.get(n).Spec)} - {"name"})
+KEYS = sorted({*TOP_LEVEL_KEYS, *(f.name for spec in SPECS for f in dataclasses.fields(spec))})
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
                     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
 keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=8))
@@ -66,10 +71,15 @@ def test_includes_of_any_shape_raise_only_config_error(folder, include, body):
 
 
 @SETTINGS
-@given(cfg=mappings)
-def test_validate_task_config_raises_only_config_error(cfg):
+@given(cfg=st.one_of(mappings, st.fixed_dictionaries(
+    {"class": st.sampled_from(TASKS.names() + ["nope", "x:y"]), "main_metric": st.sampled_from(["top1", "success"]),
+     "dataset": st.one_of(mappings, st.fixed_dictionaries({"format": st.just("imagenet")}))},
+    optional={"probe": st.one_of(mappings, st.fixed_dictionaries({"name": st.sampled_from(PROBES.names())},
+                                                                 optional={k: values for k in PROBE_KEYS})),
+              "input": mappings, "quick": mappings, "metrics": values, "seed": values})))
+def test_build_task_config_raises_only_config_error(cfg):
     try:
-        validate_task_config(cfg, Path("task.yaml"))
+        build_task_config("t", cfg, Path("task.yaml"))
     except ConfigError:
         pass
 
@@ -82,7 +92,7 @@ def test_validate_task_config_raises_only_config_error(cfg):
                             "a..b", "."]), st.text(max_size=10)).map("=".join)), max_size=4))
 def test_apply_overrides_raises_only_config_error(cfg, task, overrides):
     try:
-        assert isinstance(apply_overrides(cfg, task, overrides), dict)
+        assert isinstance(apply_overrides(cfg, task, overrides)[0], dict)
     except ConfigError:
         pass
 

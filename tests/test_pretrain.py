@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from pretrain_fixtures import REPO, make_corpus, micro_config
 from totobench.cli import main
 from totobench.errors import ConfigError
-from totobench.model.pretrain import (Dist, TokenCorpus, batch_for_step, collate, initial_model,
-                                      load_pretrain_config, lr_at, next_token_targets)
 from totobench.model.toto import TotoConfig
+from totobench.pretrain import (TokenCorpus, batch_for_step, collate, initial_model, load_pretrain_config, lr_at,
+                                next_token_targets)
 
 
 @pytest.fixture(autouse=True)
@@ -98,13 +98,13 @@ def test_sampler_is_keyed_by_step_and_shards_the_global_batch(tmp_path):
                 "1_train_ids": rng.integers(0, 16, (5, 4)).astype(np.int16), "1_train_offsets": np.arange(6),
                 "1_heldout_ids": np.zeros((0, 4), np.int16), "1_heldout_offsets": np.array([0])})
     corpus = TokenCorpus(tmp_path / "tokens.npz", sources, mc)
-    one = batch_for_step(corpus, 0, 5, 4, Dist(0, 1))
-    again = batch_for_step(corpus, 0, 5, 4, Dist(0, 1))
+    one = batch_for_step(corpus, 0, 5, 4)
+    again = batch_for_step(corpus, 0, 5, 4)
     assert all(torch.equal(a, b) for a, b in zip(one, again))
-    assert not all(torch.equal(a, b) for a, b in zip(one, batch_for_step(corpus, 0, 6, 4, Dist(0, 1))))
-    r0, r1 = batch_for_step(corpus, 0, 5, 4, Dist(0, 2)), batch_for_step(corpus, 0, 5, 4, Dist(1, 2))
+    assert not all(torch.equal(a, b) for a, b in zip(one, batch_for_step(corpus, 0, 6, 4)))
+    r0, r1 = (batch_for_step(corpus, 0, 5, 4, rank=r, world_size=2) for r in (0, 1))
     assert [s.tolist() for s in (r0[0], r1[0], r0[1], r1[1])] == [s.tolist() for s in one]
-    kinds = {int(s[0]) for s in one + batch_for_step(corpus, 0, 6, 8, Dist(0, 1))}
+    kinds = {int(s[0]) for s in one + batch_for_step(corpus, 0, 6, 8)}
     assert kinds <= {mc.image_start_id, mc.video_start_id}
     # the second video has 8 frames: a 4-frame clip every 2nd frame spans 7, so it is usable
     assert len(corpus.ids[(0, "train")][1]) == 2

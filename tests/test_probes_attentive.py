@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from totobench.errors import CheckpointError, ConfigError
-from totobench.probes.attentive import (AttentiveProbe, AttentiveProbeGrid, AttentiveProbes, fit_attentive_grid,
+from totobench.probes.attentive import (AttentiveHead, AttentiveProbeGrid, AttentiveProbes, fit_attentive_grid,
                                         fit_attentive_grid_streamed, spacetime_sincos)
 from totobench.probes.linear import fit_linear_grid
 
@@ -49,7 +49,7 @@ def test_folded_attention_equals_textbook_multi_head_attention():
     assert logits.shape == (3, 6, 5)
     for i in range(3):
         torch.testing.assert_close(logits[i], reference_attentive(probes, i, tokens, 4), rtol=1e-4, atol=1e-4)
-    single = AttentiveProbe(32, 5, num_heads=4, generator=torch.Generator().manual_seed(1))
+    single = AttentiveHead(32, 5, num_heads=4, generator=torch.Generator().manual_seed(1))
     assert single(tokens).shape == (6, 5)
 
 

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from test_results_fakes import fake_result, write_fake
 from totobench.errors import DataError
-from totobench.results.compare import cli_compare, layer_deltas, value_at_depth
+from totobench.commands.compare import cli_compare
+from totobench.results.compare import layer_deltas, value_at_depth
 
 # 8 layers at depths 1/8 .. 8/8, value = depth**2; 12 layers at depths 1/12 .. 12/12, value = depth
 REF8 = [((layer + 1) / 8) ** 2 for layer in range(8)]

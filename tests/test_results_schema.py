@@ -118,7 +118,8 @@ def test_atomic_write_leaves_old_file_when_the_write_fails(tmp_path, monkeypatch
     def failing_fsync(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(schema.os, "fsync", failing_fsync)
+    import totobench.io
+    monkeypatch.setattr(totobench.io.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
         write_result_atomic(path, fake_result(values=[0.1] * 8))
     assert path.read_bytes() == before
@@ -202,6 +203,28 @@ def test_fields_the_runner_adds_are_allowed_and_dataset_root_may_be_null():
     r = fake_result()
     r["model"]["path"] = None
     r["task"].update(dataset_root=None, kind="classification", dataset_format="imagenet")
-    r["layers_requested"] = list(range(8))
+    r["run"] = {"layers": list(range(8)), "quick": False}
     r["extra"] = {"skipped_videos": 2}
     assert validate_result(r) == []
+
+
+def test_the_builder_writes_only_declared_keys_and_picks_the_shallower_best_layer():
+    import typing
+
+    from totobench.results.schema import BestLayer, LayerRow, ModelInfo, Protocol, ResultFile, TaskInfo, build_result
+    model = {"name": "m", "checkpoint_sha256": "0" * 64, "tokenizer_sha256": "1" * 64, "num_layers": 4, "dim": 8,
+             "params": 10, "path": None}
+    task = {"name": "t", "kind": "classification", "dataset_format": "imagenet", "dataset_root": None,
+            "dataset_fingerprint": "f", "main_metric": "top1"}
+    protocol = {"probe": "linear", "grid": {"lrs": [0.1]}, "settings": {}, "selection_split": "s",
+                "report_split": "val", "seed": 0, "input": {"resolution": 64}, "data": {"num_train": 3}}
+    rows = [{"layer": layer, "metrics": {"top1": top1}, "best_hparams": {}, "select_score": None}
+            for layer, top1 in ((0, 0.25), (1, 0.5), (3, 0.5))]
+    r = build_result(model=model, task=task, protocol=protocol, per_layer=rows, config={}, env={},
+                     timing_s={"total": 1.0}, run={"layers": [0, 1, 3], "quick": False}, extra={}, version="0")
+    assert validate_result(r) == []
+    assert r["best_layer"] == {"layer": 1, "depth": 0.5, "metrics": {"top1": 0.5}}   # tie: the shallower layer
+    assert [row["depth"] for row in r["per_layer"]] == [0.25, 0.5, 1.0]
+    for doc, typed in ((r, ResultFile), (r["model"], ModelInfo), (r["task"], TaskInfo), (r["protocol"], Protocol),
+                       (r["per_layer"][0], LayerRow), (r["best_layer"], BestLayer)):
+        assert set(doc) <= set(typing.get_type_hints(typed)), set(doc) - set(typing.get_type_hints(typed))

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from totobench.cli import main
 from totobench.features.cache import FeatureCache
 from totobench.features.extract import extract_features
-from totobench.model.registry import load_backbone
+from totobench.model import load_backbone
 
 
 class Frames(Dataset):
@@ -92,23 +92,26 @@ def test_truncated_shard_is_detected_and_recomputed(backbone, tmp_path, monkeypa
 
 
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
-    from totobench.features.cache import temp_name
+    from totobench.io import temp_path, writer_tag
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     cache = FeatureCache(tmp_path)
-    mine = temp_name(tmp_path / "a.npy")                      # this (live) process's
-    stale = mine.with_name(mine.name.replace(f"-{os.getpid()}.", f"-{dead.pid}."))
-    other_host = mine.with_name(mine.name.replace(".tmp", "").rsplit(".", 1)[0] + f".elsewhere-{dead.pid}.tmp")
-    for p in (mine, stale, other_host):
+    host = writer_tag().rpartition("-")[0]
+    mine = temp_path(tmp_path / "a.npy")                      # this (live) process's
+    stale = tmp_path / f".a.npy.{host}-{dead.pid}.0f0f0f0f.tmp"
+    other_host = tmp_path / f".a.npy.elsewhere-{dead.pid}.0f0f0f0f.tmp"
+    unknown = tmp_path / f".a.npy.{host}-{dead.pid}.tmp"     # not a temp_path name: left alone
+    for p in (mine, stale, other_host, unknown):
         p.write_bytes(b"x")
     assert cache.remove_stale_temp() == [stale]
-    assert mine.exists() and other_host.exists() and not stale.exists()
+    assert mine.exists() and other_host.exists() and unknown.exists() and not stale.exists()
 
 
 def test_changed_checkpoint_or_transform_never_reuses_features(backbone, micro_checkpoint, tmp_path, monkeypatch):
     cache = FeatureCache(tmp_path)
     first = _extract(backbone, cache, Frames(8))
-    from totobench.model.checkpoint import load_checkpoint, save_checkpoint
+    from totobench.model import load_checkpoint
+    from totobench.model.checkpoint import save_checkpoint
     model, tokenizer, _, _ = load_checkpoint(micro_checkpoint)
     with torch.no_grad():
         model.layers[0].attention.wq.weight.add_(0.01)   # retrained: same folder name, new weights
@@ -173,19 +176,18 @@ def test_sigkill_during_extraction_then_rerun_gives_the_uninterrupted_result(tin
 
 def test_crash_during_probe_training_reruns_from_cached_features(tiny_world, micro_checkpoint, tmp_path,
                                                                   monkeypatch):
-    import totobench.tasks.classification as classification
+    from totobench.probes.linear import LinearProbe
     args = ["run", "--model", str(micro_checkpoint), "--tasks", "imagenet-linear", "--layers", "-1", "--quick",
             "--set", "probe.holdout=0.3", "--set", "probe.epochs=5", "--data-root", str(tiny_world),
             "--out", str(tmp_path / "out")]
     monkeypatch.setenv("TOTOBENCH_HOME", str(tmp_path / "home"))
-    fit_probe = classification.fit_probe
 
     def crash(*a, **k):
         raise KeyboardInterrupt  # what a kill during training leaves: features cached, no result
-    monkeypatch.setattr(classification, "fit_probe", crash)
-    assert main(args) == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(LinearProbe, "fit", crash)
+        assert main(args) == 130
     assert not (tmp_path / "out" / "micro" / "imagenet-linear.json").exists()
-    monkeypatch.setattr(classification, "fit_probe", fit_probe)
     assert main(args) == 0
     rerun = json.loads((tmp_path / "out" / "micro" / "imagenet-linear.json").read_text())
     assert rerun["extra"]["feature_cache"] == "hit"

@@ -104,29 +104,27 @@ class FakeBackbone:
 
 
 def test_settings_apply_quick_limits_and_check_resolution():
+    from totobench.errors import ConfigError
     from totobench.tasks.config import load_task_config
     cfg = load_task_config("robot")
     ctx = RunContext(backbone=FakeBackbone(), layers=[0], device=torch.device("cpu"), quick=True,
                      data_root=None, artifacts_dir=None, cache=None, console=None)
-    s = RobotBC("robot", cfg)._settings(ctx)
-    assert s["demos"] == cfg["quick"]["demos"] < cfg["dataset"]["demos"]
-    assert s["episode_length"] == cfg["quick"]["episode_length"]
-    assert s["demo_length"] == cfg["dataset"]["episode_length"]     # demos are never cut short
-    assert s["probe"]["epochs"] == cfg["quick"]["epochs"]
-    assert len(s["envs"]) >= 3
-    bad = load_task_config("robot", ["input.resolution=128"])
-    from totobench.errors import ConfigError
+    task = RobotBC(cfg)
+    s = task._settings(ctx)
+    assert s["demos"] == cfg.quick.demos < cfg.dataset.demos
+    assert s["episode_length"] == cfg.quick.episode_length
+    assert s["demo_length"] == cfg.dataset.episode_length     # demos are never cut short
+    assert len(cfg.dataset.env) >= 3
+    assert task.resolve_input(FakeBackbone())["resolution"] == 64
     with pytest.raises(ConfigError, match="resolution"):
-        RobotBC("robot", bad)._settings(ctx)
+        RobotBC(load_task_config("robot", ["input.resolution=128"])).resolve_input(FakeBackbone())
 
 
 @pytest.mark.parametrize("override, key", [("dataset.rollouts=0", "dataset.rollouts"),
                                            ("input.context_frames=-1", "input.context_frames"),
-                                           ("probe.lrate=0.1", "probe.lrate")])
+                                           ("probe.lrate=0.1", "probe: unknown key 'lrate'")])
 def test_settings_name_the_bad_key(override, key):
     from totobench.errors import ConfigError
     from totobench.tasks.config import load_task_config
-    ctx = RunContext(backbone=FakeBackbone(), layers=[0], device=torch.device("cpu"), quick=False,
-                     data_root=None, artifacts_dir=None, cache=None, console=None)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        RobotBC("robot", load_task_config("robot", [override]))._settings(ctx)
+        load_task_config("robot", [override])

@@ -179,6 +179,20 @@ def test_cli_writes_json_and_reports_bad_files(tmp_path, capsys):
     assert "uid 'f1' missing" in err and "bad.json" in err and err.count("\n") == 1
 
 
+def test_cli_refuses_a_test_split_and_a_missing_prediction_file(tmp_path, capsys):
+    ann = annotations([obj()])
+    (tmp_path / "pred.json").write_text(json.dumps(preds([det()])))
+    del ann["annotations"][0]["objects"]                       # a test split: no ground truth
+    (tmp_path / "test.json").write_text(json.dumps(ann))
+    assert main(["sta-eval", str(tmp_path / "test.json"), str(tmp_path / "pred.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'test.json'}: uid 'f0' has no field 'objects'" in err and err.count("\n") == 1
+
+    (tmp_path / "ann.json").write_text(json.dumps(annotations([obj()])))
+    assert main(["sta-eval", str(tmp_path / "ann.json"), str(tmp_path / "absent.json")]) == 2
+    assert f"{tmp_path / 'absent.json'}: prediction file not found" in capsys.readouterr().err
+
+
 def test_v2_file_with_video_id_through_load_sta(tmp_path):
     from totobench.data.ego4d import load_sta
     ann = annotations([obj(noun=1)], [obj([20, 20, 29, 29], noun=0, verb=1)])

@@ -1,7 +1,7 @@
 """The `totobench` command.
 
-Every subcommand is declared here with its arguments; its handler lives next to the code it
-drives and is imported only when that subcommand runs, so `totobench --help` stays fast.
+Every subcommand is declared here with its arguments; its handler lives in `totobench/commands/`
+and is imported only when that subcommand runs, so `totobench --help` stays fast.
 A handler takes the parsed arguments and returns the exit code.
 """
 
@@ -35,19 +35,19 @@ def _add_run(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="recompute results that already exist in --out (default: skip them)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.set_defaults(handler="totobench.runner:cli_run")
+    p.set_defaults(handler="totobench.commands.run:cli_run")
 
 
 def _add_ls(sub):
     p = sub.add_parser("ls", help="list registered tasks, models or probes")
     p.add_argument("what", nargs="?", default="tasks", choices=["tasks", "models", "probes"])
-    p.set_defaults(handler="totobench.runner:cli_ls")
+    p.set_defaults(handler="totobench.commands.ls:cli_ls")
 
 
 def _add_info(sub):
     p = sub.add_parser("info", help="print a checkpoint's config, size, sha256 and training facts")
     p.add_argument("checkpoint", help="checkpoint folder or registered model name")
-    p.set_defaults(handler="totobench.model.checkpoint:cli_info")
+    p.set_defaults(handler="totobench.commands.info:cli_info")
 
 
 def _add_data(sub):
@@ -58,18 +58,18 @@ def _add_data(sub):
     s.add_argument("--out", required=True, help="folder to write (created)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", default="default", choices=["tiny", "default"])
-    s.set_defaults(handler="totobench.data.synth:cli_synth")
+    s.set_defaults(handler="totobench.commands.data:cli_synth")
     c = dsub.add_parser("check", help="validate a dataset root and summarise it")
     c.add_argument("--format", required=True, choices=["imagenet", "k400", "ego4d-sta", "davis"])
     c.add_argument("root")
-    c.set_defaults(handler="totobench.data.check:cli_check")
+    c.set_defaults(handler="totobench.commands.data:cli_check")
     r = dsub.add_parser("robot-demos", help="render MetaWorld expert demonstrations to disk")
     r.add_argument("--out", help="folder to write (default: $TOTOBENCH_HOME/data/robot)")
     r.add_argument("--env", action="append", default=[], help="MetaWorld task, e.g. drawer-open (repeatable)")
     r.add_argument("--demos", type=int, default=25)
     r.add_argument("--resolution", type=int, default=64)
     r.add_argument("--seed", type=int, default=0)
-    r.set_defaults(handler="totobench.data.robot:cli_robot_demos")
+    r.set_defaults(handler="totobench.commands.data:cli_robot_demos")
 
 
 def _add_pretrain(sub):
@@ -78,7 +78,7 @@ def _add_pretrain(sub):
     p.add_argument("--out", help="checkpoint folder (default: from the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--device", default="cpu")
-    p.set_defaults(handler="totobench.model.pretrain:cli_pretrain")
+    p.set_defaults(handler="totobench.commands.pretrain:cli_pretrain")
 
 
 def _add_export(sub):
@@ -86,7 +86,7 @@ def _add_export(sub):
     p.add_argument("results", help="results folder (as written by `run`)")
     p.add_argument("--format", required=True, choices=["md", "csv", "json", "html"])
     p.add_argument("--out", help="output file (default: standard output)")
-    p.set_defaults(handler="totobench.results.export:cli_export")
+    p.set_defaults(handler="totobench.commands.export:cli_export")
 
 
 def _add_compare(sub):
@@ -94,13 +94,13 @@ def _add_compare(sub):
     p.add_argument("results", nargs="+", help="result folders or files")
     p.add_argument("--task", help="only this task")
     p.add_argument("--plot", help="write the layer-sweep plot to this PNG")
-    p.set_defaults(handler="totobench.results.compare:cli_compare")
+    p.set_defaults(handler="totobench.commands.compare:cli_compare")
 
 
 def _add_validate(sub):
     p = sub.add_parser("validate", help="check result files against the result schema")
     p.add_argument("files", nargs="+")
-    p.set_defaults(handler="totobench.results.schema:cli_validate")
+    p.set_defaults(handler="totobench.commands.validate:cli_validate")
 
 
 def _add_davis_eval(sub):
@@ -109,7 +109,7 @@ def _add_davis_eval(sub):
     p.add_argument("--results", required=True, help="folder with <seq>/<frame>.png indexed masks")
     p.add_argument("--set", dest="split", default="val", help="ImageSets/2017 split (default val)")
     p.add_argument("--json", help="write the metrics as JSON to this file")
-    p.set_defaults(handler="totobench.metrics.davis:cli_davis_eval")
+    p.set_defaults(handler="totobench.commands.metrics:cli_davis_eval")
 
 
 def _add_sta_eval(sub):
@@ -117,7 +117,7 @@ def _add_sta_eval(sub):
     p.add_argument("annotations", help="fho_sta_val.json (ground truth)")
     p.add_argument("predictions", help="predictions in the challenge format")
     p.add_argument("--json", help="write the metrics as JSON to this file")
-    p.set_defaults(handler="totobench.metrics.ego4d_sta:cli_sta_eval")
+    p.set_defaults(handler="totobench.commands.metrics:cli_sta_eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

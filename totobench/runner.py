@@ -1,4 +1,4 @@
-"""`totobench run` and `totobench ls`: tasks x one model -> one result file per task.
+"""`totobench run`: tasks x one model -> one result file per task.
 
 The runner loads the model once, resolves the layers, and for each task builds its context,
 runs it and writes the result JSON atomically. A task whose result file already exists and is
@@ -10,7 +10,6 @@ share the feature extraction (totobench.features.distributed); the result equals
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import platform
@@ -22,11 +21,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from totobench import __version__
+from totobench import __version__, parallel
 from totobench.errors import ConfigError, TotobenchError
 from totobench.paths import cache_home
-from totobench.tasks.base import RunContext, TaskOutput, task_class
-from totobench.tasks.config import FORMAT_FOLDERS, available_tasks, load_task_config, resolve_task_names
+from totobench.registry import TASKS
+from totobench.results.schema import build_result, load_result, result_path, safe_name, write_result_atomic
+from totobench.tasks.base import RunContext, Task, TaskConfig, TaskOutput
+from totobench.tasks.config import FORMAT_FOLDERS, load_task_config, resolve_task_names
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -56,15 +57,18 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
     return sorted(out)
 
 
-def resolve_data_root(cfg: dict, data_root: str | None) -> Path | None:
+def resolve_data_root(cfg: TaskConfig, data_root: str | None) -> Path | None:
     """Dataset root: `--set`/YAML `dataset.root`, else `--data-root`/<format folder>, else
-    $TOTOBENCH_DATA_ROOT/<format folder>, else the generated data world."""
-    fmt = cfg["dataset"]["format"]
+    $TOTOBENCH_DATA_ROOT/<format folder>, else the generated data world; None for a format with
+    no folder there (a simulator, a task that makes its own data) and no explicit root."""
+    fmt = cfg.dataset.format
     folder = FORMAT_FOLDERS.get(fmt)
-    explicit = cfg["dataset"].get("root")
+    explicit = cfg.dataset.root
+    if folder is None and not explicit:
+        return None  # a format with no dataset folder: the task makes or renders its own data
     if explicit:
         root = Path(os.path.expanduser(str(explicit)))
-        where = f"dataset.root of {cfg['_path']}"
+        where = f"dataset.root of {cfg.path}"
     elif data_root or os.environ.get("TOTOBENCH_DATA_ROOT"):
         base = data_root or os.environ["TOTOBENCH_DATA_ROOT"]
         where = "--data-root" if data_root else "$TOTOBENCH_DATA_ROOT"
@@ -85,40 +89,24 @@ def _env_info(device: torch.device) -> dict:
             "hostname": platform.node()}
 
 
-def build_result(backbone, task, cfg: dict, out: TaskOutput, data_root: Path | None, layers: list[int],
-                 device: torch.device, timing: dict) -> dict:
-    """Assemble the result document of DESIGN.md from a task's per-layer rows."""
-    n = backbone.num_layers
-    main = task.main_metric
-    per_layer = [{"layer": r.layer, "depth": (r.layer + 1) / n, "metrics": r.metrics,
-                  "best_hparams": r.best_hparams, "select_score": r.select_score} for r in out.per_layer]
-    missing = [r["layer"] for r in per_layer if main not in r["metrics"]]
-    if missing:
-        raise RuntimeError(f"task {task.name} returned no '{main}' for layers {missing}")
-    best = max(per_layer, key=lambda r: (r["metrics"][main], -r["layer"]))
-    return {
-        "schema_version": "1",
-        "totobench_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "model": {"name": backbone.name, "checkpoint_sha256": backbone.sha256,
-                  "tokenizer_sha256": backbone.tokenizer_sha256, "num_layers": n,
-                  "dim": backbone.dim, "params": backbone.model.num_params(),
-                  "path": str(backbone.path) if backbone.path else None},
-        "task": {"name": task.name, "kind": task.kind, "dataset_format": cfg["dataset"]["format"],
-                 "dataset_root": str(data_root) if data_root else None,
-                 "dataset_fingerprint": out.dataset_fingerprint, "main_metric": main},
-        "protocol": out.protocol,
-        "per_layer": per_layer,
-        "best_layer": {"layer": best["layer"], "depth": best["depth"], "metrics": best["metrics"]},
-        "layers_requested": layers,
-        "config": {k: v for k, v in cfg.items() if not k.startswith("_")},
-        "extra": out.extra,
-        "env": _env_info(device),
-        "timing_s": {**out.timing_s, **timing},
-    }
+def result_document(backbone, task: Task, out: TaskOutput, data_root: Path | None, layers: list[int],
+                    device: torch.device, timing: dict, quick: bool) -> dict:
+    """The result document of one task run (built by results.schema.build_result)."""
+    cfg = task.cfg
+    model = {"name": backbone.name, "checkpoint_sha256": backbone.sha256, "tokenizer_sha256": backbone.tokenizer_sha256,
+             "num_layers": backbone.num_layers, "dim": backbone.dim, "params": backbone.model.num_params(),
+             "path": str(backbone.path) if backbone.path else None}
+    info = {"name": task.name, "kind": cfg.kind, "dataset_format": cfg.dataset.format,
+            "dataset_root": str(data_root) if data_root else None,
+            "dataset_fingerprint": out.dataset_fingerprint, "main_metric": cfg.main_metric}
+    rows = [{"layer": r.layer, "metrics": r.metrics, "best_hparams": r.best_hparams, "select_score": r.select_score}
+            for r in out.per_layer]
+    return build_result(model=model, task=info, protocol=out.protocol, per_layer=rows, config=cfg.record(),
+                        env=_env_info(device), timing_s={**out.timing_s, **timing},
+                        run={"layers": layers, "quick": bool(quick)}, extra=out.extra, version=__version__)
 
 
-def cli_run(args) -> int:
+def run_command(args) -> int:
     """`totobench run`; under torchrun, rank 0 runs the tasks and the other ranks extract."""
     from totobench.features import distributed
 
@@ -126,7 +114,7 @@ def cli_run(args) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here")
-    rank_info, device = distributed.init_from_env(device)  # under torchrun: join the group
+    rank_info, device = parallel.init_from_env(device)  # under torchrun: join the group
     if not rank_info.is_main:
         return _serve_as_worker(args, device)
     workers = {"serving": False}
@@ -135,14 +123,15 @@ def cli_run(args) -> int:
     finally:
         if workers["serving"]:
             distributed.send_job(distributed.STOP)  # also when rank 0 failed: the others exit 0
-        distributed.shutdown()
+        parallel.shutdown()
 
 
 def _serve_as_worker(args, device: torch.device) -> int:
     """A torchrun rank > 0: the same checks as rank 0 (errors are rank 0's to print), then
     extract the chunks rank 0 hands out until it says stop."""
     from totobench.features import distributed
-    from totobench.model.registry import load_backbone
+    from totobench.features.extract import serve_extraction
+    from totobench.model import load_backbone
     try:
         try:
             for name in resolve_task_names(args.tasks):
@@ -151,21 +140,20 @@ def _serve_as_worker(args, device: torch.device) -> int:
             parse_layers(args.layers, backbone.num_layers)
         except TotobenchError:
             return 2  # rank 0 fails the same way and says why
-        if distributed.broadcast_object(None) == distributed.STOP:  # handshake (carries rank 0's --no-cache folder)
+        if parallel.broadcast_object(None) == distributed.STOP:  # handshake (carries rank 0's --no-cache folder)
             return 0
-        return distributed.serve_extraction(backbone, device)
+        return serve_extraction(backbone, device)
     finally:
-        distributed.shutdown()
+        parallel.shutdown()
 
 
 def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> int:
     """Rank 0's (or the only process's) part of `run`: every task, one result file each."""
     from totobench.features import distributed
-    from totobench.model.registry import load_backbone
-    from totobench.results.schema import load_result, result_path, write_result_atomic
+    from totobench.features.cache import FeatureCache
+    from totobench.model import load_backbone
 
-    names = resolve_task_names(args.tasks)
-    configs = {name: load_task_config(name, args.overrides) for name in names}  # fail fast on any bad YAML
+    configs = [load_task_config(name, args.overrides) for name in resolve_task_names(args.tasks)]  # fail fast
     out_dir = Path(args.out)
     _check_writable(out_dir)
     t_load = time.perf_counter()
@@ -173,70 +161,66 @@ def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> i
     layers = parse_layers(args.layers, backbone.num_layers)
     load_s = time.perf_counter() - t_load
     console.print(f"[bold]{backbone.name}[/] ({backbone.num_layers} layers, dim {backbone.dim}, "
-                  f"sha256 {backbone.sha256[:12]}) - layers {layers} - tasks {', '.join(names)}")
-    tmp_cache = None
-    if args.no_cache:
-        tmp_cache = tempfile.TemporaryDirectory(prefix="totobench-features-")
-    if distributed.info().active:
-        distributed.broadcast_object(tmp_cache.name if tmp_cache else None)  # pairs with the workers' handshake
+                  f"sha256 {backbone.sha256[:12]}) - layers {layers} - tasks {', '.join(c.name for c in configs)}")
+    tmp_cache = tempfile.TemporaryDirectory(prefix="totobench-features-") if args.no_cache else None
+    if parallel.info().active:
+        parallel.broadcast_object(tmp_cache.name if tmp_cache else None)  # pairs with the workers' handshake
         workers["serving"] = True
-    from totobench.features.cache import FeatureCache
     cache = FeatureCache(Path(tmp_cache.name) if tmp_cache else cache_home())
     written = []
     try:
-        for name in names:
-            cfg = configs[name]
-            path = result_path(out_dir, backbone.name, name)
-            if path.exists() and not args.overwrite:
-                try:
-                    done = load_result(path)
-                    if _same_run(done, layers, backbone, cfg, args):
-                        console.print(f"[dim]{name}: result exists at {path}, skipped (use --overwrite to redo)[/]")
-                        written.append(done)
-                        continue
-                except (TotobenchError, KeyError):
-                    pass  # unreadable or different run: recompute
-            task = task_class(cfg["class"])(name, cfg)
-            data_root = resolve_data_root(cfg, args.data_root)
-            ctx = RunContext(backbone=backbone, layers=layers, device=device, quick=args.quick,
-                             data_root=data_root, artifacts_dir=path.with_suffix(""), cache=cache,
-                             console=console, seed=int(cfg.get("seed", 0)),
-                             num_workers=int(cfg.get("num_workers", 0)),
-                             batch_size=int(cfg.get("batch_size", 64)))
-            console.rule(f"[bold]{name}")
-            t0 = time.perf_counter()
-            out = task.run(ctx)
-            result = build_result(backbone, task, cfg, out, data_root, layers, device,
-                                  {"total": time.perf_counter() - t0, "model_load": load_s})
-            result["extra"] = {**result.get("extra", {}), "quick": bool(args.quick)}  # for _same_run
-            try:
-                write_result_atomic(path, result)
-            except OSError as err:  # e.g. the disk filled up: the temp file is already gone
-                raise TotobenchError(f"cannot write the result file {path} ({err.strerror or err})") from None
-            written.append(result)
-            _print_table(result, console)
-            console.print(f"wrote {path}")
+        for cfg in configs:
+            path = result_path(out_dir, backbone.name, cfg.name)
+            done = None if args.overwrite else _finished(path, layers, backbone, cfg, args.quick)
+            if done is not None:
+                console.print(f"[dim]{cfg.name}: result exists at {path}, skipped (use --overwrite to redo)[/]")
+                written.append(done)
+                continue
+            written.append(_run_one(args, cfg, backbone, layers, device, cache, console, path, load_s))
     finally:
         if tmp_cache:
             tmp_cache.cleanup()
-    _write_plots(written, out_dir / _safe(backbone.name), console)
+    _write_plots(written, out_dir / safe_name(backbone.name), console)
     return 0
 
 
-def _same_run(done: dict, layers: list[int], backbone, cfg: dict, args) -> bool:
-    """Whether an existing result file answers this command: same checkpoint, layers, resolved
-    task config and --quick (then a re-run skips it; anything else is recomputed)."""
-    return (done["layers_requested"] == layers
+def _run_one(args, cfg: TaskConfig, backbone, layers: list[int], device: torch.device, cache, console: Console,
+             path: Path, load_s: float) -> dict:
+    """Run one task and write its result file atomically."""
+    task = TASKS.get(cfg.kind)(cfg)
+    data_root = resolve_data_root(cfg, args.data_root)
+    ctx = RunContext(backbone=backbone, layers=layers, device=device, quick=args.quick, data_root=data_root,
+                     artifacts_dir=path.with_suffix(""), cache=cache, console=console, seed=cfg.seed,
+                     num_workers=cfg.num_workers, batch_size=cfg.batch_size)
+    console.rule(f"[bold]{cfg.name}")
+    t0 = time.perf_counter()
+    out = task.run(ctx)
+    result = result_document(backbone, task, out, data_root, layers, device,
+                             {"total": time.perf_counter() - t0, "model_load": load_s}, args.quick)
+    try:
+        write_result_atomic(path, result)
+    except OSError as err:  # e.g. the disk filled up: the temp file is already gone
+        raise TotobenchError(f"cannot write the result file {path} ({err.strerror or err})") from None
+    _print_table(result, console)
+    console.print(f"wrote {path}")
+    return result
+
+
+def _finished(path: Path, layers: list[int], backbone, cfg: TaskConfig, quick: bool) -> dict | None:
+    """The existing result at `path` when it answers this command (same checkpoint and tokenizer,
+    layers, resolved task config and --quick), else None (then the task is recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        done = load_result(path)
+    except TotobenchError:
+        return None  # unreadable: recompute
+    same = (done.get("run", {}).get("layers") == layers
             and done["model"]["checkpoint_sha256"] == backbone.sha256
             and done["model"].get("tokenizer_sha256") == backbone.tokenizer_sha256
-            and done.get("config") == json.loads(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")},
-                                                            default=str))
-            and done.get("extra", {}).get("quick", False) == bool(args.quick))
-
-
-def _safe(name: str) -> str:
-    from totobench.results.schema import safe_name
-    return safe_name(name)
+            and done.get("config") == json.loads(json.dumps(cfg.record()))
+            and done.get("run", {}).get("quick", False) == bool(quick))
+    return done if same else None
 
 
 def _check_writable(out_dir: Path) -> None:
@@ -265,31 +249,3 @@ def _write_plots(results: list[dict], out_dir: Path, console: Console) -> None:
         return
     for path in write_sweep_plots(results, out_dir) or []:
         console.print(f"wrote {path}")
-
-
-def cli_ls(args) -> int:
-    console = Console()
-    if args.what == "tasks":
-        from rich.table import Table
-        table = Table()
-        for column in ("task", "class", "format", "probe", "main metric"):
-            table.add_column(column, no_wrap=True)
-        table.add_column("description", ratio=1, overflow="fold")
-        for name in available_tasks():
-            try:
-                cfg = load_task_config(name)
-            except TotobenchError as err:
-                table.add_row(name, "[red]invalid[/]", "", "", "", str(err))
-                continue
-            table.add_row(name, cfg["class"], cfg["dataset"]["format"], cfg.get("probe", {}).get("name", ""),
-                          cfg["main_metric"], cfg.get("description", ""))
-        console.print(table)
-    elif args.what == "models":
-        from totobench.model.registry import list_models
-        for name in list_models():
-            console.print(name)
-    else:
-        from totobench.probes import PROBES
-        for name, desc in PROBES.items():
-            console.print(f"[bold]{name}[/]: {desc}")
-    return 0

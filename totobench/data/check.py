@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
 from totobench.data.davis import DavisDataset, load_indexed_png, resolution_folders
@@ -25,6 +24,7 @@ from totobench.data.ego4d import find_sta_annotations, load_sta, sta_video_path
 from totobench.data.imagenet import ImageNetFolder
 from totobench.data.video import read_frames, video_info
 from totobench.errors import ConfigError, DataError
+from totobench.progress import progress_bar
 
 FORMATS = ("imagenet", "k400", "ego4d-sta", "davis")
 
@@ -79,7 +79,11 @@ def check_root(fmt: str, root: str | os.PathLike, progress: bool = False) -> Che
 
 
 def _items(items, description: str, progress: bool):
-    return track(items, description=description, transient=True) if progress else items
+    if not progress:
+        yield from items
+        return
+    with progress_bar(fields="", transient=True) as bar:
+        yield from bar.track(items, description=description)
 
 
 def _size_range(sizes: list[tuple[int, int]]) -> str:
@@ -289,7 +293,7 @@ def _check_davis_split(report: CheckReport, dataset: DavisDataset, progress: boo
     return summary
 
 
-# Command line -----------------------------------------------------------------------------------
+# What `totobench data check` prints ----------------------------------------------------------------
 
 def print_report(report: CheckReport, console: Console) -> None:
     """The summary table(s), then every problem on one line: SEVERITY path: message."""
@@ -308,11 +312,3 @@ def print_report(report: CheckReport, console: Console) -> None:
         print(f"{problem.severity.upper()} {problem.path}: {problem.message}")
     verdict = "[green]usable[/green]" if report.usable else "[red]NOT usable[/red]"
     console.print(f"{verdict}: {len(report.errors)} errors, {len(report.warnings)} warnings")
-
-
-def cli_check(args) -> int:
-    """`totobench data check --format FORMAT ROOT`: exit 0 when the root is usable, else 1."""
-    console = Console()
-    report = check_root(args.format, args.root, progress=console.is_terminal)
-    print_report(report, console)
-    return 0 if report.usable else 1

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from totobench.errors import ConfigError, DataError
+from totobench.io import atomic_path
 from totobench.paths import data_home
 
 CAMERA = "corner3"
@@ -261,14 +262,12 @@ def load_or_record_demos(root: Path | None, name: str, num_demos: int, resolutio
         data = _read_npz(path)
         return {k: v[:num_demos] for k, v in data.items()}, path
     data = record_demos(name, num_demos, resolution, seed, episode_length, action_repeat, camera, on_episode)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / fname
-    tmp = folder / f".{fname}.{os.getpid()}.tmp.npz"
     meta = {"env": metaworld_name(name), "camera": camera, "resolution": resolution, "seed": seed,
             "episode_length": episode_length, "action_repeat": action_repeat, "format": DEMO_FORMAT,
             "versions": _versions()}
-    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
+        np.savez_compressed(f, meta=np.array(json.dumps(meta)), **data)
     return data, path
 
 
@@ -286,33 +285,3 @@ def demos_fingerprint(demos: dict[str, dict[str, np.ndarray]]) -> str:
         for key in ("frames", "actions", "proprio", "length"):
             h.update(np.ascontiguousarray(demos[name][key]).tobytes())
     return h.hexdigest()
-
-
-def cli_robot_demos(args) -> int:
-    """`totobench data robot-demos`: record (or find cached) demonstrations for the robot task's
-    environments (or --env ...), with the episode settings of tasks/robot.yaml."""
-    from rich.console import Console
-
-    from totobench.features.extract import progress_bar
-    from totobench.tasks.config import load_task_config
-
-    console = Console()
-    ds = load_task_config("robot")["dataset"]
-    names = args.env or ds["env"]
-    names = [names] if isinstance(names, str) else list(names)
-    root = Path(args.out).expanduser() if args.out else None
-    settings = dict(episode_length=int(ds.get("episode_length", EPISODE_LENGTH)),
-                    action_repeat=int(ds.get("action_repeat", ACTION_REPEAT)),
-                    camera=str(ds.get("camera", CAMERA)))
-    with progress_bar(console) as progress:
-        for name in names:
-            metaworld_name(name)
-            job = progress.add_task(f"{short_name(name)} demos", total=args.demos, rate="")
-            data, path = load_or_record_demos(root, name, args.demos, args.resolution, args.seed,
-                                              on_episode=lambda: progress.update(job, advance=1),
-                                              **settings)
-            progress.update(job, completed=args.demos)
-            console.print(f"{short_name(name)}: {len(data['seeds'])} demos, "
-                          f"{int(data['length'].sum())} steps, mean first success at decision "
-                          f"{data['success_step'].mean():.1f} -> {path}")
-    return 0

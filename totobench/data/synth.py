@@ -20,7 +20,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ from totobench.data.davis import voc_palette
 from totobench.data.video import write_mp4
 from totobench.data.world_content import stream_rng
 from totobench.errors import ConfigError
+from totobench.io import atomic_write_json
+from totobench.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -355,7 +356,7 @@ def synth(out: Path, seed: int = 0, size: str = "default", roots: list[str] | No
         for root in todo:
             _write_root(out, root, seed, SIZES[size], pool)
             manifest["roots"][root] = ROOT_VERSIONS[root]
-            _write_json_atomic(out / MANIFEST, manifest)
+            atomic_write_json(out / MANIFEST, manifest, sort_keys=True)
         if pool is not None:
             pool.close()
     finally:
@@ -365,14 +366,12 @@ def synth(out: Path, seed: int = 0, size: str = "default", roots: list[str] | No
 
 
 def _write_root(out: Path, root: str, seed: int, size: WorldSize, pool) -> None:
-    from rich.progress import Progress
-
     _remove_abandoned(out, root)
     tmp = out / f".{root}.tmp-{os.getpid()}"
     tmp.mkdir()
     jobs, finish = PLANS[root](tmp, seed, size)
     results = []
-    with Progress(transient=True) as progress:
+    with progress_bar(fields="", transient=True) as progress:
         task = progress.add_task(f"data world: {root}", total=len(jobs))
         for result in (pool.imap(_run_job, jobs) if pool else map(_run_job, jobs)):
             results.append(result)
@@ -394,25 +393,7 @@ def _remove_abandoned(out: Path, root: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def tree_size(path: Path) -> tuple[int, int]:
     """(number of files, total bytes) under `path`."""
     files = [p for p in Path(path).rglob("*") if p.is_file()]
     return len(files), sum(p.stat().st_size for p in files)
-
-
-def cli_synth(args) -> int:
-    out = Path(args.out)
-    start = time.perf_counter()
-    synth(out, seed=args.seed, size=args.size)
-    n_files, n_bytes = tree_size(out)
-    print(f"data world (size {args.size}, seed {args.seed}) in {out}: {n_files} files, "
-          f"{n_bytes / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s")
-    for root in PLANS:
-        print(f"  {out / root}")
-    return 0

@@ -22,7 +22,6 @@ from PIL import Image
 CANVAS = 32  # side of a sprite's own canvas, in sprite pixels
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
 DIGITS = tuple(str(d) for d in range(10))
-HAND_SHAPES = ("open", "point", "fist", "pinch")
 
 
 def stream_rng(seed: int, stream: str, index: int = 0) -> np.random.Generator:

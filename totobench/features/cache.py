@@ -7,8 +7,8 @@ sha256; a reader checks both and treats any mismatch (a truncated or corrupt sha
 so a shard is either complete or absent and never read half-written. A temporary file is
 allocated in full when created, so a full disk fails there with CacheWriteError (and the file
 is removed) instead of killing the process with SIGBUS when a memory-mapped page is written.
-Temporary names carry the host and pid of their writer; `remove_stale_temp` deletes those of
-writers that died (e.g. a run killed with SIGKILL).
+Temporary names are `totobench.io.temp_path`'s (they carry the host and pid of their writer);
+`remove_stale_temp` deletes those of writers that died (e.g. a run killed with SIGKILL).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import errno
 import hashlib
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from totobench.errors import TotobenchError
+from totobench.io import atomic_write, temp_path, temp_writer, writer_tag
 
 FEATURE_CODE_VERSION = "1"  # bump when extraction or pooling changes what a key's bytes mean
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -39,15 +39,6 @@ def write_error(err: OSError, root: Path) -> CacheWriteError:
         return CacheWriteError(f"disk full while writing features to {root} (free some space or set "
                                f"$TOTOBENCH_HOME to a larger disk)")
     return CacheWriteError(f"cannot write features to {root} ({err.strerror or err})")
-
-
-def _host_tag() -> str:
-    return socket.gethostname().replace(".", "_").replace("-", "_") or "host"
-
-
-def temp_name(final: Path) -> Path:
-    """`.<name>.<host>-<pid>.tmp` next to `final`: private to this process, recognisable when stale."""
-    return final.with_name(f".{final.name}.{_host_tag()}-{os.getpid()}.tmp")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -80,7 +71,7 @@ class ShardWriter:
 
     def __init__(self, final: Path, shape: tuple[int, ...], dtype=np.float16):
         self.final = final
-        self.tmp = temp_name(final)
+        self.tmp = temp_path(final)
         try:
             self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=dtype, shape=shape)
             with open(self.tmp, "rb+") as f:  # reserve the blocks now: ENOSPC here, not SIGBUS later
@@ -95,7 +86,6 @@ class ShardWriter:
     def commit(self) -> np.ndarray:
         """Flush, fsync, hash, then rename the shard and its record into place; the shard as
         a read-only memmap. Raises CacheWriteError (temp files removed) when a write fails."""
-        meta_tmp = temp_name(self.final.with_suffix(".json"))
         try:
             self.array.flush()
             shape, dtype = list(self.array.shape), str(self.array.dtype)
@@ -104,12 +94,10 @@ class ShardWriter:
                 os.fsync(f.fileno())
             record = {"shape": shape, "dtype": dtype, "sha256": _file_sha256(self.tmp),
                       "bytes": self.tmp.stat().st_size}
-            meta_tmp.write_text(json.dumps(record))
-            # the record is renamed last: a shard without a matching record is a miss
+            # the record is written last: a shard without a matching record is a miss
             os.replace(self.tmp, self.final)
-            os.replace(meta_tmp, self.final.with_suffix(".json"))
+            atomic_write(self.final.with_suffix(".json"), json.dumps(record))
         except OSError as err:
-            meta_tmp.unlink(missing_ok=True)
             self.abort()
             raise write_error(err, self.final.parent) from None
         return np.load(self.final, mmap_mode="r")
@@ -179,13 +167,12 @@ class FeatureCache:
     def remove_stale_temp(self) -> list[Path]:
         """Delete temporary files left by dead writers of this host (a killed run); returns them."""
         removed = []
-        host = _host_tag()
+        host = writer_tag().rpartition("-")[0]
         if not self.root.is_dir():
             return removed
         for p in self.root.glob(".*.tmp"):
-            tag = p.name[:-len(".tmp")].rsplit(".", 1)[-1]
-            who, _, pid = tag.rpartition("-")
-            if who == host and pid.isdigit() and not _pid_alive(int(pid)):
+            writer = temp_writer(p)
+            if writer is not None and writer[0] == host and not _pid_alive(writer[1]):
                 p.unlink(missing_ok=True)
                 removed.append(p)
         return removed
@@ -201,14 +188,9 @@ class FeatureCache:
 
     def save_json(self, key: str, obj) -> None:
         """Write a small JSON record atomically. Raises CacheWriteError when it cannot."""
-        final = self.root / f"{key}.record.json"
-        tmp = temp_name(final)
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(obj))
-            os.replace(tmp, final)
+            atomic_write(self.root / f"{key}.record.json", json.dumps(obj))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise write_error(err, self.root) from None
 
     def save(self, key: str, values: np.ndarray) -> np.ndarray:

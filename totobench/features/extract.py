@@ -18,31 +18,13 @@ from typing import Iterator
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
 from torch.utils.data import DataLoader, Dataset
 
-from totobench.errors import TotobenchError
+from totobench import parallel
+from totobench.progress import progress_bar
+from totobench.data.preprocess import to_unit_float
+from totobench.features import distributed
 from totobench.features.cache import DISK_FULL, FeatureCache, cache_key, write_error
-
-
-def progress_bar(console: Console | None = None) -> Progress:
-    """The progress bar every long loop uses: items, items/s and ETA."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
-                    TimeRemainingColumn(), console=console, transient=False)
-
-
-def _as_float_frames(frames: torch.Tensor) -> torch.Tensor:
-    if frames.dtype == torch.uint8:
-        return frames.float().div_(255.0)
-    return frames.float()
-
-
-def make_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    """In-order loader; decoding runs in `num_workers` worker processes."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_indexed, persistent_workers=False, pin_memory=False)
 
 
 class Indexed(Dataset):
@@ -80,7 +62,7 @@ def iterate_layer_tokens(backbone, loader: DataLoader, layers: list[int], kind: 
         if batch["frames"] is None:
             yield {}, batch
             continue
-        frames = _as_float_frames(batch["frames"]).to(device, non_blocking=True)
+        frames = to_unit_float(batch["frames"]).to(device, non_blocking=True)
         outs = backbone.forward_frames(frames, layers, kind=kind)
         yield dict(zip(layers, outs)), batch
 
@@ -132,7 +114,8 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
 
     The pass runs in chunks of whole batches, each committed to the cache as it completes, so a
     killed run resumes at the first missing chunk. Under torchrun the chunks are shared out
-    among the ranks (see totobench.features.distributed) and assembled here by dataset index.
+    among the ranks (see totobench.features.distributed; the other ranks run `serve_extraction`)
+    and assembled here by dataset index.
     Raises CacheWriteError (one line, temporary files removed) when the disk fills up.
     """
     device = torch.device(device)
@@ -154,8 +137,7 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
         return LayerFeatures(feats, meta[:, 0], meta[:, 1], from_cache=True,
                              skipped=[tuple(s) for s in skipped_record])
 
-    from totobench.features import distributed
-    rank_info = distributed.info()
+    rank_info = parallel.info()
     items = dataset if _yields_dicts(dataset) else Indexed(dataset)
     n = len(items)
     shared = rank_info.active and distributed.picklable(items)
@@ -169,14 +151,10 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
     try:
         report = run_extraction_job(backbone, job, device, rank=0, world_size=world, console=console)
     except Exception as err:  # noqa: BLE001 - the other ranks must still reach the gather
-        if not shared:
-            raise
-        distributed.gather_objects({"error": str(err), "user_error": isinstance(err, TotobenchError)})
+        if shared:
+            distributed.send_report(distributed.failure_report(err))
         raise
-    reports = distributed.gather_objects(report) if shared else [report]
-    for r in reports:
-        if "error" in r:  # a rank > 0 failed: its message, as a user error if it was one
-            raise (TotobenchError if r.get("user_error") else RuntimeError)(r["error"])
+    reports = distributed.collect_reports(report) if shared else [report]  # raises a rank's failure
     reused = sum(r["reused"] for r in reports)
     if console is not None and shared:
         console.print(f"[dim]{desc}: chunks computed per rank {[r['computed'] for r in reports]}[/]")
@@ -215,6 +193,19 @@ def _chunk_done(cache: FeatureCache, base: dict, layers: list[int], chunk: tuple
     if record is None or cache.load(meta_key) is None:
         return False
     return record.get("row_shape") is None or all(cache.load(k) is not None for k in keys.values())
+
+
+def serve_extraction(backbone, device: torch.device) -> int:
+    """Ranks > 0 under torchrun: run the extraction jobs rank 0 sends until it sends STOP; returns 0."""
+    rank_info = parallel.info()
+    while (job := distributed.receive_job()) is not None:
+        try:
+            report = run_extraction_job(backbone, job, device, rank=rank_info.rank,
+                                        world_size=rank_info.world_size)
+        except Exception as err:  # noqa: BLE001 - reported to rank 0, which raises it as one line
+            report = distributed.failure_report(err)
+        distributed.send_report(report)
+    return 0
 
 
 def run_extraction_job(backbone, job: dict, device: torch.device, *, rank: int = 0, world_size: int = 1,

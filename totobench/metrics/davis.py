@@ -19,10 +19,7 @@ and the Decay bins use plain integers (the official ones wrap around past 256 fr
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,8 @@ from scipy import ndimage
 
 from totobench.data.davis import voc_palette
 from totobench.errors import DataError
+from totobench.io import atomic_path
+from totobench.progress import progress_bar
 
 VOID_LABEL = 255
 METRIC_KEYS = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
@@ -204,21 +203,8 @@ def write_indexed_png(path: str | Path, mask: np.ndarray) -> None:
         raise ValueError(f"expected a 2-d mask of ids in 0..255, got shape {mask.shape}")
     image = Image.fromarray(mask.astype(np.uint8))  # mode L; putpalette turns it into mode P
     image.putpalette(voc_palette())
-    _write_atomic(path, lambda file: image.save(file, format="PNG"))
-
-
-def _write_atomic(path: str | Path, write) -> None:
-    """Call write(binary file) on a temp file beside `path`, then rename it onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 # ----------------------------------------------------------------------------- folder evaluation
@@ -292,11 +278,8 @@ def evaluate_davis(davis_root: str | Path, results_dir: str | Path, split: str =
     if not Path(results_dir).is_dir():
         raise DataError(f"{results_dir}: results folder not found")
     per_object = {}
-    progress = _progress() if show_progress else None
-    if progress is not None:
-        progress.start()
+    with progress_bar(fields="", transient=True, disable=not show_progress) as progress:
         task = progress.add_task("DAVIS J&F", total=len(names))
-    try:
         for sequence in names:
             frames, gt_masks = read_ground_truth(davis_root, sequence, resolution)
             if len(frames) < 3:
@@ -309,11 +292,7 @@ def evaluate_davis(davis_root: str | Path, results_dir: str | Path, split: str =
             j_values, f_values = score_sequence(gt_masks[1:-1], results, num_objects, bound_th)
             for k in range(num_objects):
                 per_object[f"{sequence}_{k + 1}"] = _object_scores(j_values[k], f_values[k])
-            if progress is not None:
-                progress.advance(task)
-    finally:
-        if progress is not None:
-            progress.stop()
+            progress.advance(task)
     if not per_object:
         raise DataError(f"{davis_root}: no objects in the first frames of split '{split}'")
     scores = {key: float(np.mean([o[key] for o in per_object.values()]))
@@ -327,44 +306,3 @@ def _object_scores(j_values: np.ndarray, f_values: np.ndarray) -> dict[str, floa
     f_mean, f_recall, f_decay = mean_recall_decay(f_values)
     return {"J&F-Mean": (j_mean + f_mean) / 2, "J-Mean": j_mean, "J-Recall": j_recall,
             "J-Decay": j_decay, "F-Mean": f_mean, "F-Recall": f_recall, "F-Decay": f_decay}
-
-
-def _progress():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), transient=True)
-
-
-# ----------------------------------------------------------------------------- command line
-
-def cli_davis_eval(args) -> int:
-    """`totobench davis-eval --davis-root DIR --results DIR [--set val] [--json FILE]`."""
-    from rich.console import Console
-    from rich.table import Table
-
-    scores = evaluate_davis(args.davis_root, args.results, args.split, show_progress=True)
-    console = Console()
-
-    overall = Table(title=f"DAVIS-2017 semi-supervised, {args.split} ({len(scores['per_object'])} objects)")
-    for key in METRIC_KEYS:
-        overall.add_column(key, justify="right")
-    overall.add_row(*(f"{scores[key]:.4f}" for key in METRIC_KEYS))
-    console.print(overall)
-
-    # the per-object table leaves out Decay to fit 80 columns; --json has every value
-    columns = ("J&F-Mean", "J-Mean", "J-Recall", "F-Mean", "F-Recall")
-    per_object = Table(title="Per sequence and object")
-    per_object.add_column("Sequence", no_wrap=True)
-    per_object.add_column("Obj", justify="right")
-    for key in columns:
-        per_object.add_column(key, justify="right")
-    for name, values in scores["per_object"].items():
-        sequence, object_id = name.rsplit("_", 1)
-        per_object.add_row(sequence, object_id, *(f"{values[key]:.3f}" for key in columns))
-    console.print(per_object)
-
-    if args.json:
-        _write_atomic(args.json, lambda file: file.write((json.dumps(scores, indent=2) + "\n").encode()))
-        console.print(f"wrote {args.json}")
-    return 0

@@ -261,47 +261,25 @@ def sta_top5_map(annotations, predictions, top_k: int = TOP_K) -> dict[str, floa
     return metrics
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- files
 
-def _read_json(path: str, what: str):
+def check_ground_truth(annotations, source: str) -> None:
+    """Raise DataError naming `source` unless every annotated frame of `annotations` (as for
+    `sta_top5_map`) has well-formed objects; a test split, which has none, fails here."""
+    for entry in _annotation_entries(annotations, source):
+        _ground_truth(entry, source)
+
+
+def load_sta_predictions(path: str, annotations) -> dict:
+    """A challenge-format prediction file, parsed and checked against `annotations` with
+    `validate_sta_predictions`. Raises DataError (one line naming the file) when it is missing,
+    not JSON or malformed."""
     try:
         with open(path) as f:
-            return json.load(f)
+            predictions = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{path}: {what} file not found") from None
+        raise DataError(f"{path}: prediction file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: {what} file is not valid JSON ({err})") from None
-
-
-def cli_sta_eval(args) -> int:
-    """`totobench sta-eval ANNOTATIONS PREDICTIONS [--json FILE]`: validate, score, print a table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from totobench.data.ego4d import load_sta
-    from totobench.results.schema import write_bytes_atomic
-
-    annotations = load_sta(args.annotations)  # v1 or v2; one-line DataError on a bad file
-    entries = annotations.annotations
-    for entry in entries:  # a file without ground truth (test split) fails here, naming the file
-        _ground_truth(entry, args.annotations)
-    predictions = _read_json(args.predictions, "prediction")
-    validate_sta_predictions(predictions, annotations, source=args.predictions)
-    metrics = sta_top5_map(annotations, predictions)
-
-    results = predictions["results"]
-    with_preds = sum(1 for e in entries if results.get(e["uid"]))
-    table = Table(title=f"Ego4D STA Top-{TOP_K} mAP (%)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name in VARIANTS:
-        label = f"{name} (challenge metric)" if name == "Overall" else name
-        table.add_row(label, f"{metrics[name]:.2f}")
-    console = Console()
-    console.print(table)
-    console.print(f"{len(entries)} annotated frames, {with_preds} with predictions "
-                  f"(frames without predictions are not counted, as in the official code)")
-    if args.json:
-        payload = {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
-        write_bytes_atomic(args.json, (json.dumps(payload, indent=2) + "\n").encode())
-    return 0
+        raise DataError(f"{path}: prediction file is not valid JSON ({err})") from None
+    validate_sta_predictions(predictions, annotations, source=path)
+    return predictions

@@ -1,4 +1,4 @@
-"""Checkpoint folders: save, load and describe a Toto (+ its visual tokenizer).
+"""Checkpoint folders: write and read a Toto's config and weights (+ its visual tokenizer).
 
 A folder holds (CONTRACTS.md):
     config.json              TotoConfig.to_dict() + {"architecture": "toto"}
@@ -6,13 +6,16 @@ A folder holds (CONTRACTS.md):
     tokenizer/               VisualTokenizer.save() (config.json + model.safetensors), optional here
     training.json            facts about the run (command, wall time, steps, losses, ...), optional
     loss_curve.csv/.png, README.md   written by pre-training
+
+This module works on configs and state dicts and never builds a model: `Toto.from_pretrained`
+(toto.py) and `load_checkpoint` (backbone.py) do.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,7 +24,9 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from totobench.errors import CheckpointError, ConfigError
-from totobench.model.toto import Toto, TotoConfig
+from totobench.io import atomic_write, atomic_write_json
+from totobench.model.config import TotoConfig
+from totobench.model.tokenizer import VisualTokenizer
 
 ARCHITECTURE = "toto"
 
@@ -38,34 +43,34 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def weights_bytes(model: Toto) -> bytes:
-    """The exact bytes of model.safetensors for `model` (fp32); their sha256 names the weights."""
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+def weights_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
+    """The exact bytes of model.safetensors for a state dict (as fp32); their sha256 names the weights."""
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
     return save_safetensors_bytes(tensors, metadata={"format": "pt"})
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_checkpoint(directory, model: Toto, tokenizer=None, training: dict | None = None) -> str:
+def save_checkpoint(directory, model: torch.nn.Module, tokenizer: VisualTokenizer | None = None,
+                    training: dict | None = None) -> str:
     """Write config.json, model.safetensors (fp32), tokenizer/ (if given) and training.json
-    (if given) into `directory` (created). Each file is written to a temp name then renamed.
-    Returns the sha256 of model.safetensors."""
+    (if given) into `directory` (created), each file atomically. `model` is a Toto: anything with
+    a `.config` (TotoConfig) and a `.state_dict()`. Returns the sha256 of model.safetensors."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    data = weights_bytes(model)
-    tmp = directory / "model.safetensors.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, directory / "model.safetensors")
-    _write_json(directory / "config.json", {**model.config.to_dict(), "architecture": ARCHITECTURE})
+    data = weights_bytes(model.state_dict())
+    atomic_write(directory / "model.safetensors", data)
+    atomic_write_json(directory / "config.json", {**model.config.to_dict(), "architecture": ARCHITECTURE})
     if tokenizer is not None:
         tokenizer.save(directory / "tokenizer")
     if training is not None:
-        _write_json(directory / "training.json", training)
+        atomic_write_json(directory / "training.json", training)
     return sha256_bytes(data)
+
+
+def read_json(path: Path):
+    """The content of a JSON file. Raises CheckpointError naming the file if it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_config(directory) -> TotoConfig:
@@ -76,10 +81,7 @@ def read_config(directory) -> TotoConfig:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (expected the Toto config as JSON)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    d = read_json(path)
     if not isinstance(d, dict) or d.get("architecture") != ARCHITECTURE:
         found = d.get("architecture") if isinstance(d, dict) else type(d).__name__
         raise CheckpointError(f"{path}: architecture is {found!r}, expected {ARCHITECTURE!r}")
@@ -89,8 +91,9 @@ def read_config(directory) -> TotoConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def read_weights(directory, config: TotoConfig) -> tuple[dict[str, torch.Tensor], str]:
-    """model.safetensors checked against `config`: (state dict, sha256 of the file bytes).
+def read_weights(directory, like: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """model.safetensors checked against the names and shapes of `like` (the state dict of a model
+    built from config.json): (state dict, sha256 of the file bytes).
     Raises CheckpointError for a missing or unreadable file, a missing or unexpected tensor,
     or a tensor whose shape differs from what config.json implies."""
     path = Path(directory) / "model.safetensors"
@@ -101,8 +104,7 @@ def read_weights(directory, config: TotoConfig) -> tuple[dict[str, torch.Tensor]
         tensors = load_safetensors_bytes(data)
     except (SafetensorError, ValueError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Toto(config).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in like.items()}
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
@@ -121,18 +123,15 @@ def read_training(directory) -> dict:
     path = Path(directory) / "training.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
-def load_tokenizer(directory, config: TotoConfig, device="cpu"):
-    """The tokenizer/ sub-folder as a VisualTokenizer, or None if the folder is absent."""
+def load_tokenizer(directory, config: TotoConfig, device="cpu") -> VisualTokenizer | None:
+    """The tokenizer/ sub-folder as a VisualTokenizer, or None if the folder is absent.
+    Raises CheckpointError if its codebook or downsampling does not fit `config`."""
     tok_dir = Path(directory) / "tokenizer"
     if not tok_dir.exists():
         return None
-    from totobench.model.tokenizer import VisualTokenizer
     tokenizer = VisualTokenizer.load(tok_dir, device=device)
     if tokenizer.codebook_size != config.codebook_size:
         raise CheckpointError(f"{tok_dir}: tokenizer codebook_size is {tokenizer.codebook_size}, "
@@ -141,68 +140,3 @@ def load_tokenizer(directory, config: TotoConfig, device="cpu"):
         raise CheckpointError(f"{tok_dir}: tokenizer downsample is {tokenizer.downsample}, "
                               f"config.json expects patch_size {config.patch_size}")
     return tokenizer
-
-
-def load_model(directory, device="cpu") -> tuple[Toto, str]:
-    """(Toto in eval mode with the folder's weights, sha256 of model.safetensors)."""
-    config = read_config(directory)
-    tensors, sha = read_weights(directory, config)
-    model = Toto(config)
-    model.load_state_dict(tensors)
-    return model.to(device).eval(), sha
-
-
-def load_checkpoint(directory, device="cpu"):
-    """-> (model: Toto in eval mode, tokenizer: VisualTokenizer | None, sha256: str, training: dict).
-    Raises CheckpointError naming the file for anything missing, corrupt or mismatched."""
-    model, sha = load_model(directory, device)
-    tokenizer = load_tokenizer(directory, model.config, device)
-    return model, tokenizer, sha, read_training(directory)
-
-
-def cli_info(args) -> int:
-    """`totobench info CHECKPOINT`: config, parameter count, sha256 and training facts."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from totobench.model.registry import load_backbone, resolve_checkpoint
-
-    name = args.checkpoint
-    backbone = load_backbone(name) if name.startswith("random-init:") else None
-    directory = resolve_checkpoint(name.removeprefix("random-init:"))
-    config = read_config(directory)
-    with torch.device("meta"):
-        meta = Toto(config)
-    sha = backbone.sha256 if backbone else file_sha256(directory / "model.safetensors")
-
-    console = Console()
-    console.print(f"[bold]{name}[/bold]  ({directory})")
-    if backbone:
-        console.print("weights: random (torch.manual_seed(0)); config and tokenizer from the checkpoint; "
-                      "sha256 below is of those random weights serialised as model.safetensors")
-    console.print(f"parameters: {meta.num_params():,} (+ {meta.tok_embeddings.weight.numel():,} in the "
-                  f"input embedding table = {meta.num_params(non_embedding=False):,})")
-    console.print(f"sha256: {sha}", soft_wrap=True)
-
-    table = Table(title="config", show_header=False)
-    for k, v in config.to_dict().items():
-        table.add_row(k, str(v))
-    table.add_row("tokens_per_frame", str(config.tokens_per_frame))
-    console.print(table)
-
-    tok_cfg = directory / "tokenizer" / "config.json"
-    if tok_cfg.is_file():
-        tok = json.loads(tok_cfg.read_text())
-        console.print("tokenizer: " + ", ".join(f"{k}={v}" for k, v in tok.items()), soft_wrap=True)
-    else:
-        console.print("tokenizer: [yellow]none[/yellow] (no tokenizer/ folder)")
-
-    training = read_training(directory)
-    if training and not backbone:
-        table = Table(title="training", show_header=False)
-        for k, v in training.items():
-            table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-        console.print(table)
-    elif not backbone:
-        console.print("training: [yellow]no training.json[/yellow]")
-    return 0

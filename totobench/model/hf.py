@@ -4,40 +4,47 @@ Our RoPE already uses the "rotate half" layout of transformers' Llama, so weight
 with no permutation. The export also keeps our full TotoConfig under the `"totobench"` key of
 config.json (transformers ignores it), so a round trip restores the tokenizer-side fields
 (resolution, frames per clip, ...), which a plain Llama config has no place for.
+
+This module works on configs and state dicts; `Toto.save_hf_llama` and `Toto.from_hf_llama`
+(toto.py) are the model-level API.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from totobench.errors import CheckpointError
-from totobench.model.toto import Toto, TotoConfig
+from totobench.io import atomic_write, atomic_write_json
+from totobench.model.checkpoint import read_json, weights_bytes
+from totobench.model.config import TotoConfig
 
-
-def _hf_names(n_layers: int) -> dict[str, str]:
-    """Our parameter name -> transformers' LlamaForCausalLM parameter name."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight",
+# our parameter name -> transformers' LlamaForCausalLM parameter name
+_HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
              "norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-    per_layer = {"attention_norm.weight": "input_layernorm.weight",
-                 "attention.wq.weight": "self_attn.q_proj.weight",
-                 "attention.wk.weight": "self_attn.k_proj.weight",
-                 "attention.wv.weight": "self_attn.v_proj.weight",
-                 "attention.wo.weight": "self_attn.o_proj.weight",
-                 "mlp_norm.weight": "post_attention_layernorm.weight",
-                 "mlp.w1.weight": "mlp.gate_proj.weight",
-                 "mlp.w3.weight": "mlp.up_proj.weight",
-                 "mlp.w2.weight": "mlp.down_proj.weight"}
-    for i in range(n_layers):
-        for ours, theirs in per_layer.items():
-            names[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
-    return names
+_HF_BLOCK_NAMES = {"attention_norm.weight": "input_layernorm.weight",
+                   "attention.wq.weight": "self_attn.q_proj.weight",
+                   "attention.wk.weight": "self_attn.k_proj.weight",
+                   "attention.wv.weight": "self_attn.v_proj.weight",
+                   "attention.wo.weight": "self_attn.o_proj.weight",
+                   "mlp_norm.weight": "post_attention_layernorm.weight",
+                   "mlp.w1.weight": "mlp.gate_proj.weight",
+                   "mlp.w3.weight": "mlp.up_proj.weight",
+                   "mlp.w2.weight": "mlp.down_proj.weight"}
+
+
+def _hf_name(ours: str) -> str:
+    """Our parameter name -> transformers': layers.3.mlp.w1.weight -> model.layers.3.mlp.gate_proj.weight."""
+    if ours in _HF_NAMES:
+        return _HF_NAMES[ours]
+    _, block, name = ours.split(".", 2)
+    return f"model.layers.{block}.{_HF_BLOCK_NAMES[name]}"
 
 
 def hf_llama_config(config: TotoConfig) -> dict:
@@ -67,20 +74,12 @@ def hf_llama_config(config: TotoConfig) -> dict:
     }
 
 
-def save_hf_llama(model: Toto, directory) -> Path:
-    """Write `config.json` + `model.safetensors` that `LlamaForCausalLM.from_pretrained` loads.
-    Returns the folder."""
+def save_hf_llama(directory, config: TotoConfig, state_dict: Mapping[str, torch.Tensor]) -> Path:
+    """Write `config.json` + `model.safetensors` (fp32, each file atomically) that
+    `LlamaForCausalLM.from_pretrained` loads, from a Toto's config and state dict. Returns the folder."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    names = _hf_names(model.config.n_layers)
-    tensors = {names[k]: v.detach().to("cpu", torch.float32).contiguous()
-               for k, v in model.state_dict().items()}
-    tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / "model.safetensors")
-    tmp = directory / "config.json.tmp"
-    tmp.write_text(json.dumps(hf_llama_config(model.config), indent=2) + "\n")
-    os.replace(tmp, directory / "config.json")
+    atomic_write(directory / "model.safetensors", weights_bytes({_hf_name(k): v for k, v in state_dict.items()}))
+    atomic_write_json(directory / "config.json", hf_llama_config(config))
     return directory
 
 
@@ -88,10 +87,7 @@ def _read_hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (expected a transformers LlamaForCausalLM config.json)")
-    try:
-        hf = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    hf = read_json(path)
     if hf.get("model_type") != "llama":
         raise CheckpointError(f"{path}: model_type is {hf.get('model_type')!r}, expected 'llama'")
     unsupported = {"attention_bias": False, "mlp_bias": False, "hidden_act": "silu"}
@@ -111,7 +107,10 @@ def _read_hf_config(directory: Path) -> dict:
     return hf
 
 
-def _toto_config(hf: dict) -> TotoConfig:
+def read_hf_llama_config(directory) -> TotoConfig:
+    """The TotoConfig of a LlamaForCausalLM folder. Raises CheckpointError for a missing or bad
+    config.json or an unsupported variant (biases, grouped-query attention, scaled RoPE)."""
+    hf = _read_hf_config(Path(directory))
     rope = hf.get("rope_parameters") or {}
     shape = dict(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                  n_heads=hf["num_attention_heads"], mlp_hidden=hf["intermediate_size"],
@@ -140,23 +139,22 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_hf_llama(directory) -> Toto:
-    """Read a LlamaForCausalLM folder into a Toto (fp32). Raises CheckpointError for a missing
-    file, an unsupported architecture variant, or missing/mis-shaped weights."""
+def read_hf_llama_weights(directory, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LlamaForCausalLM folder's weights as a Toto state dict (our names, fp32), checked against
+    the names and shapes of `like` (the state dict of a Toto built from its config.json).
+    Raises CheckpointError for a missing file or a missing or mis-shaped weight."""
     directory = Path(directory)
-    config = _toto_config(_read_hf_config(directory))
     tensors = _read_hf_weights(directory)
     if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]  # tied embeddings
-    model = Toto(config)
     state = {}
-    for ours, theirs in _hf_names(config.n_layers).items():
+    for ours, reference in like.items():
+        theirs = _hf_name(ours)
         if theirs not in tensors:
             raise CheckpointError(f"{directory}: weight {theirs} is missing")
-        expected = tuple(model.state_dict()[ours].shape)
+        expected = tuple(reference.shape)
         if tuple(tensors[theirs].shape) != expected:
             raise CheckpointError(f"{directory}: weight {theirs} has shape {list(tensors[theirs].shape)}, "
                                   f"config.json implies {list(expected)}")
         state[ours] = tensors[theirs].float()
-    model.load_state_dict(state)
-    return model
+    return state

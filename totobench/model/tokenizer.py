@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from totobench.errors import CheckpointError
+from totobench.io import atomic_path, atomic_write_json
 
 
 @dataclass
@@ -212,19 +213,14 @@ class VisualTokenizer(nn.Module):
     # ---- persistence ---------------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors into `directory` (created)."""
+        """Write config.json and model.safetensors into `directory` (created), each atomically."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        cfg = {"architecture": "vqvae-ema", **self.config.to_dict()}
-        tmp = directory / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
-        os.replace(tmp, directory / "config.json")
+        atomic_write_json(directory / "config.json", {"architecture": "vqvae-ema", **self.config.to_dict()})
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / "model.safetensors.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, directory / "model.safetensors")
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file(state, str(tmp))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, device: str = "cpu") -> "VisualTokenizer":
@@ -262,7 +258,11 @@ class VisualTokenizer(nn.Module):
 
 def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
     """Peak signal-to-noise ratio in dB of images in [0,1], from the mean squared error over all pixels."""
-    mse = float(F.mse_loss(reconstruction.clamp(0, 1), reference))
+    return _psnr_db(float(F.mse_loss(reconstruction.clamp(0, 1), reference)))
+
+
+def _psnr_db(mse: float) -> float:
+    """10 log10(1 / mse) for pixel values in [0, 1]; infinite for a perfect reconstruction."""
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
@@ -278,6 +278,6 @@ def evaluate_tokenizer(tokenizer: VisualTokenizer, frames: torch.Tensor, batch_s
         used[ids.flatten().unique()] = True
         se += float(F.mse_loss(tokenizer.decode(ids), x, reduction="sum"))
     mse = se / frames.numel()
-    return {"psnr_db": float("inf") if mse == 0 else 10 * math.log10(1.0 / mse),
+    return {"psnr_db": _psnr_db(mse),
             "codebook_usage": float(used.float().mean()),
             "codes_used": int(used.sum()), "num_frames": int(len(frames))}

@@ -1,6 +1,6 @@
 """Toto: a LLaMA-style causal decoder over discrete visual tokens.
 
-One config dataclass, one block, one model, read top to bottom:
+One block, one model, read top to bottom (the config dataclass, TotoConfig, is in config.py):
 RMSNorm pre-norm, multi-head attention with 1-D rotary position embeddings (RoPE) and
 `F.scaled_dot_product_attention(is_causal=True)`, a SwiGLU MLP, no biases anywhere, and untied
 input embedding and output head.
@@ -16,7 +16,6 @@ channels pairs with the second half), so our weights map onto theirs name for na
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,99 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from totobench.errors import ConfigError
+from totobench.model import checkpoint, hf
+from totobench.model.config import TotoConfig
 
-
-@dataclass
-class TotoConfig:
-    dim: int
-    n_layers: int
-    n_heads: int
-    mlp_hidden: int
-    codebook_size: int        # visual tokenizer vocabulary; ids [0, codebook_size)
-    vocab_size: int           # codebook + image start + video start + end (+ padding)
-    max_seq_len: int
-    rope_base: float = 10000.0
-    norm_eps: float = 1e-5
-    resolution: int = 128     # square frame size in pixels fed to the tokenizer
-    patch_size: int = 8       # tokenizer downsampling: one token per patch_size x patch_size pixels
-    num_frames: int = 16      # frames per video clip
-    frame_stride: int = 4     # take every k-th frame of a video
-    images_per_sequence: int = 16
-
-    def __post_init__(self):
-        if self.dim % self.n_heads:
-            raise ConfigError(f"TotoConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ConfigError(f"TotoConfig: head dim {self.dim // self.n_heads} must be even for RoPE")
-        if self.vocab_size < self.codebook_size + 3:
-            raise ConfigError(f"TotoConfig: vocab_size={self.vocab_size} must be >= codebook_size + 3 "
-                              f"= {self.codebook_size + 3} (image start, video start, end tokens)")
-        if self.resolution % self.patch_size:
-            raise ConfigError(f"TotoConfig: resolution={self.resolution} must be a multiple of "
-                              f"patch_size={self.patch_size}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def image_start_id(self) -> int:
-        return self.codebook_size
-
-    @property
-    def video_start_id(self) -> int:
-        return self.codebook_size + 1
-
-    @property
-    def end_id(self) -> int:
-        return self.codebook_size + 2
-
-    @property
-    def grid(self) -> int:
-        """Tokens per side of one frame."""
-        return self.resolution // self.patch_size
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return self.grid ** 2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TotoConfig":
-        """Build from a dict such as a checkpoint's config.json; extra keys (e.g. "architecture")
-        are ignored, a missing field raises ConfigError."""
-        names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        missing = [n for n in required if n not in d]
-        if missing:
-            raise ConfigError(f"Toto config is missing field(s) {', '.join(missing)}")
-        return cls(**{k: d[k] for k in names if k in d})
-
-    @classmethod
-    def preset(cls, name: str) -> "TotoConfig":
-        """`toto-base`, `toto-large`, `toto-1b` (the paper's shapes) or `toto-tiny` (ours)."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown Toto preset {name!r}; expected one of {', '.join(PRESETS)}")
-        return cls(**PRESETS[name])
-
-
-# The paper's models read 16 frames (every 4th) of 128 px video through an 8k dVAE codebook.
-_PAPER = dict(codebook_size=8192, vocab_size=8192 + 3, max_seq_len=4096, resolution=128,
-              num_frames=16, frame_stride=4, images_per_sequence=16)
-PRESETS: dict[str, dict] = {
-    "toto-base": dict(dim=768, n_layers=12, n_heads=12, mlp_hidden=3072, **_PAPER),
-    "toto-large": dict(dim=1024, n_layers=16, n_heads=16, mlp_hidden=4096, **_PAPER),
-    "toto-1b": dict(dim=2048, n_layers=22, n_heads=16, mlp_hidden=5632, **_PAPER),
-    # Ours, for a 2-core CPU. 256 codes: with 1024 no Toto of this shape learned to copy the previous
-    # frame within its 45-minute budget (benchmarks/copy_emergence.py). RoPE base 500: its sequences are
-    # 513 tokens, and a lower base puts more of the 16 frequency pairs of a 32-channel head in the range
-    # that tells offset 64 (same place, previous frame) from its neighbours.
-    "toto-tiny": dict(dim=256, n_layers=8, n_heads=8, mlp_hidden=704, codebook_size=256,
-                      vocab_size=259, max_seq_len=1024, rope_base=500.0, resolution=64, num_frames=8,
-                      frame_stride=4, images_per_sequence=8),
-}
+__all__ = ["Toto", "TotoConfig"]
 
 
 class RMSNorm(nn.Module):
@@ -223,10 +133,6 @@ class Toto(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
-    @property
-    def num_layers(self) -> int:
-        return self.config.n_layers
-
     def _rope(self, seq_len: int, device):
         if seq_len > self.rope_cos.shape[0] or self.rope_cos.device != torch.device(device):
             # longer than max_seq_len (e.g. 16 frames + a start token): extend rather than fail
@@ -285,21 +191,25 @@ class Toto(nn.Module):
                 by_layer[i] = x
         return [by_layer[i] for i in take]
 
-    # ---- interop (implemented in hf.py / checkpoint.py; here for the DESIGN.md API) ----
+    # ---- files: the formats live in checkpoint.py and hf.py, which never build a model ----
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu") -> "Toto":
+        """The transformer of a totobench checkpoint folder, in eval mode.
+        Raises CheckpointError naming the file for anything missing, corrupt or mismatched."""
+        model = cls(checkpoint.read_config(directory))
+        weights, _ = checkpoint.read_weights(directory, model.state_dict())
+        model.load_state_dict(weights)
+        return model.to(device).eval()
 
     def save_hf_llama(self, directory) -> Path:
         """Write config.json + model.safetensors that transformers loads as LlamaForCausalLM."""
-        from totobench.model.hf import save_hf_llama
-        return save_hf_llama(self, directory)
+        return hf.save_hf_llama(directory, self.config, self.state_dict())
 
     @classmethod
     def from_hf_llama(cls, directory) -> "Toto":
-        """Read a LlamaForCausalLM folder (config.json + safetensors) into a Toto."""
-        from totobench.model.hf import load_hf_llama
-        return load_hf_llama(directory)
-
-    @classmethod
-    def from_pretrained(cls, directory) -> "Toto":
-        """Load the transformer of a totobench checkpoint folder (see checkpoint.py)."""
-        from totobench.model.checkpoint import load_model
-        return load_model(directory)[0]
+        """Read a LlamaForCausalLM folder (config.json + safetensors) into a Toto (fp32).
+        Raises CheckpointError for a missing file, an unsupported variant or a missing weight."""
+        model = cls(hf.read_hf_llama_config(directory))
+        model.load_state_dict(hf.read_hf_llama_weights(directory, model.state_dict()))
+        return model

@@ -22,17 +22,22 @@ backbone pass yields every layer's tokens), selects on a held-out slice, and can
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from totobench.errors import CheckpointError, ConfigError
+from totobench.io import atomic_path
 from totobench.metrics.classification import topk_correct, true_class_rank
+from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec,
+                                   classification_results, labels_tensor)
 from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
 
 DEFAULT_LRS = (1e-3, 3e-4)
@@ -122,8 +127,8 @@ class AttentiveProbes(nn.Module):
         return out @ self.head_weight + self.head_bias[:, None, :]
 
 
-class AttentiveProbe(AttentiveProbes):
-    """One attentive probe: forward(tokens [B, L, D]) -> logits [B, num_classes]."""
+class AttentiveHead(AttentiveProbes):
+    """One attentive probe head: forward(tokens [B, L, D]) -> logits [B, num_classes]."""
 
     def __init__(self, dim: int, num_classes: int, num_heads: int = 8, generator: torch.Generator | None = None):
         super().__init__(1, dim, num_classes, num_heads, generator)
@@ -291,9 +296,8 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
     for epoch in range(start_epoch, epochs):
         losses = [grid.train_step(tokens, labels) for tokens, labels in train_batches(epoch)]
         if state_path is not None:
-            tmp = Path(f"{state_path}.tmp")
-            torch.save({"grid": grid.state_dict(), "epoch": epoch}, tmp)
-            os.replace(tmp, state_path)
+            with atomic_path(state_path) as tmp:
+                torch.save({"grid": grid.state_dict(), "epoch": epoch}, tmp)
         if on_epoch is not None:
             on_epoch(epoch, sum(losses) / max(1, len(losses)))
 
@@ -352,3 +356,51 @@ def fit_attentive_grid(train: dict, train_labels, val: dict, val_labels, num_cla
         lambda: batches(val, val_labels, torch.arange(len(val_labels))), layers, train[layers[0]].shape[-1], num_classes,
         lrs, wds, epochs, num_heads, warmup_epochs, steps_per_epoch=-(-len(fit_idx) // batch_size), seed=seed,
         device=device, state_path=state_path, return_scores=return_scores, positions=positions)
+
+
+@dataclass(frozen=True)
+class AttentiveSpec(ProbeSpec):
+    """`probe:` settings of the attentive grid (see fit_attentive_grid)."""
+    name: str = "attentive"
+    pooling: str = "tokens"
+    positions: Literal["none", "spacetime"] = "none"   # spacetime: a (frame, row, col) embedding in the probe
+    lrs: tuple[float, ...] = field(default=DEFAULT_LRS, metadata={"gt": 0, "nonempty": True})
+    wds: tuple[float, ...] = field(default=(1e-4,), metadata={"min": 0, "nonempty": True})
+    epochs: int = field(default=10, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    holdout: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
+    num_heads: int = field(default=8, metadata={"min": 1})
+    warmup_epochs: float = field(default=0.0, metadata={"min": 0})
+    searched: ClassVar[tuple[str, ...]] = ("lrs", "wds")
+
+    def check(self, where: str) -> None:
+        super().check(where)
+        if self.positions == "spacetime" and not self.pooling.startswith("tokens"):
+            raise ConfigError(f"{where}.positions: 'spacetime' needs every token (pooling 'tokens' or "
+                              f"'tokens_pool<k>'), got pooling {self.pooling!r}")
+
+
+class AttentiveProbe(Probe):
+    Spec = AttentiveSpec
+    produces = CLASS_SCORES
+
+    def fit(self, train: ProbeData, val: ProbeData, spec: AttentiveSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
+        positions = None
+        if spec.positions == "spacetime":
+            if train.token_grid is None or len(train.token_grid) != 3:
+                raise ConfigError(f"probe.positions 'spacetime' needs a (frames, rows, cols) token grid, "
+                                  f"got {train.token_grid}")
+            positions = tuple(train.token_grid)
+        state_path = None
+        if ctx.state_dir is not None:
+            # saved after every epoch so a killed run resumes; keyed so other settings never reuse it
+            key = json.dumps([spec.as_dict(), ctx.run_key, train.layers, len(train.labels), ctx.seed], sort_keys=True)
+            state_path = Path(ctx.state_dir) / f"attentive_state_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+        out = fit_attentive_grid(train.feats, labels_tensor(train), val.feats, labels_tensor(val), train.num_classes,
+                                 lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs, batch_size=spec.batch_size,
+                                 holdout=spec.holdout, num_heads=spec.num_heads, warmup_epochs=spec.warmup_epochs,
+                                 seed=ctx.seed, device=ctx.device, state_path=state_path,
+                                 return_scores=ctx.keep_outputs, positions=positions)
+        if state_path is not None:
+            state_path.unlink(missing_ok=True)
+        return classification_results(out)

@@ -10,11 +10,13 @@ Training is deterministic for a given seed on the CPU (own generator for init an
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 import torch.nn as nn
 
-BC_DEFAULTS = {"hidden": (256, 256, 256), "epochs": 20, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64}
+from totobench.probes.base import POLICY, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
 
 
 class BCPolicy(nn.Module):
@@ -86,3 +88,30 @@ def _fit(x, y, hidden, epochs, lr, weight_decay, batch_size, seed) -> tuple[BCPo
     with torch.no_grad():
         mse = float(torch.mean((policy(x) - y) ** 2))
     return policy, {"train_mse": mse, "steps": total}
+
+
+@dataclass(frozen=True)
+class BcMlpSpec(ProbeSpec):
+    """`probe:` settings of the behaviour-cloning MLP (see train_bc_policy)."""
+    name: str = "bc_mlp"
+    pooling: str = "mean"
+    hidden: tuple[int, ...] = field(default=(256, 256, 256), metadata={"min": 1, "nonempty": True})
+    epochs: int = field(default=10, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"gt": 0})
+    weight_decay: float = field(default=1e-4, metadata={"min": 0})
+    batch_size: int = field(default=64, metadata={"min": 1})
+
+
+class BcMlpProbe(Probe):
+    """train.feats: {layer: inputs [N, D]}, train.targets: expert actions [N, A] -> a policy per layer."""
+    Spec = BcMlpSpec
+    produces = POLICY
+
+    def fit(self, train: ProbeData, val: ProbeData | None, spec: BcMlpSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
+        out = {}
+        for layer in train.layers:
+            policy, info = train_bc_policy(train.feats[layer], train.targets, hidden=spec.hidden, epochs=spec.epochs,
+                                           lr=spec.lr, weight_decay=spec.weight_decay, batch_size=spec.batch_size,
+                                           seed=ctx.seed)
+            out[layer] = LayerResult(outputs=policy, facts={"train_mse": info["train_mse"], "train_steps": info["steps"]})
+        return out

@@ -6,11 +6,16 @@ neighbour votes exp(sim / T) for its class. One search at the largest k serves e
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import numpy as np
 import torch
 
 from totobench.errors import ConfigError
 from totobench.metrics.classification import topk_correct
+from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec,
+                                   classification_results, labels_tensor)
 from totobench.probes.grid import gather_rows, holdout_split
 
 
@@ -89,3 +94,25 @@ def fit_knn_layers(train: dict, train_labels, val: dict, val_labels, num_classes
         if return_scores:
             out[layer]["val_scores"] = scores
     return out
+
+
+@dataclass(frozen=True)
+class KnnSpec(ProbeSpec):
+    """`probe:` settings of kNN (see fit_knn_layers)."""
+    name: str = "knn"
+    pooling: str = "mean"
+    ks: tuple[int, ...] = field(default=(10, 20), metadata={"min": 1, "nonempty": True})
+    temperature: float = field(default=0.07, metadata={"gt": 0})
+    holdout: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
+    searched: ClassVar[tuple[str, ...]] = ("ks",)
+
+
+class KnnProbe(Probe):
+    Spec = KnnSpec
+    produces = CLASS_SCORES
+
+    def fit(self, train: ProbeData, val: ProbeData, spec: KnnSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
+        out = fit_knn_layers(train.feats, labels_tensor(train), val.feats, labels_tensor(val), train.num_classes,
+                             ks=spec.ks, temperature=spec.temperature, holdout=spec.holdout, seed=ctx.seed,
+                             return_scores=ctx.keep_outputs)
+        return classification_results(out)

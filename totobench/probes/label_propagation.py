@@ -14,9 +14,13 @@ is videowalk's: Euclidean distance between cells strictly below `radius`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from totobench.probes.base import SOFT_MASKS, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
 
 # Cap on affinity entries held at once (64M floats = 256 MB): larger frames chunk their queries.
 MAX_AFFINITY_ELEMENTS = 2 ** 26
@@ -146,3 +150,29 @@ def soft_labels_to_mask(soft_labels: torch.Tensor, size: tuple[int, int]) -> np.
     bilinear upsampling (half-pixel centres), then argmax over the labels."""
     upsampled = F.interpolate(soft_labels[None].float(), size=size, mode="bilinear", align_corners=False)
     return upsampled[0].argmax(dim=0).to(torch.uint8).numpy()
+
+
+@dataclass(frozen=True)
+class LabelPropagationSpec(ProbeSpec):
+    """`probe:` settings of label propagation (see label_propagation)."""
+    name: str = "label_propagation"
+    pooling: str = "tokens"
+    context: int = field(default=20, metadata={"min": 1})       # previous frames kept (plus the first frame)
+    radius: float = field(default=12, metadata={"gt": 0})        # in feature cells, for the previous frames
+    topk: int = field(default=10, metadata={"min": 1})
+    temperature: float = field(default=0.05, metadata={"gt": 0})
+
+
+class LabelPropagationProbe(Probe):
+    """No training: val.feats {layer: [T, h, w, D]} of one video, val.targets the first frame's soft
+    labels [K+1, h, w] -> outputs: soft labels [T, K+1, h, w] per layer."""
+    Spec = LabelPropagationSpec
+    produces = SOFT_MASKS
+    selection = "none (no training)"
+
+    def fit(self, train: ProbeData | None, val: ProbeData, spec: LabelPropagationSpec,
+            ctx: ProbeContext) -> dict[int, LayerResult]:
+        return {layer: LayerResult(outputs=label_propagation(val.feats[layer], val.targets, context=spec.context,
+                                                             radius=spec.radius, topk=spec.topk,
+                                                             temperature=spec.temperature))
+                for layer in val.layers}

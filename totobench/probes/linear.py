@@ -17,11 +17,16 @@ per layer is retrained with its chosen hyper-parameters on all of train and repo
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 import torch.nn as nn
 
 from totobench.errors import ConfigError
 from totobench.metrics.classification import topk_accuracy, true_class_rank
+from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec,
+                                   classification_results, labels_tensor)
 from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
@@ -235,3 +240,30 @@ def fit_linear_grid(train: dict, train_labels: torch.Tensor, val: dict, val_labe
         for li, layer in enumerate(layers):
             out[layer]["metrics"] = {f"top{k}": counts[k][li, 0].item() / len(val_labels) for k in (1, 5)}
     return out
+
+
+@dataclass(frozen=True)
+class LinearSpec(ProbeSpec):
+    """`probe:` settings of the linear grid (see fit_linear_grid)."""
+    name: str = "linear"
+    pooling: str = "mean"
+    lrs: tuple[float, ...] = field(default=(0.1, 0.03, 0.01, 0.003, 0.001), metadata={"gt": 0, "nonempty": True})
+    wds: tuple[float, ...] = field(default=(1e-4, 1e-2), metadata={"min": 0, "nonempty": True})
+    whiten: float | None = field(default=0.01, metadata={"min": 0})   # heads in the decorrelated eigenbasis: 15 epochs, not 100
+    epochs: int = field(default=15, metadata={"min": 1})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    holdout: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
+    refit: bool = True
+    searched: ClassVar[tuple[str, ...]] = ("lrs", "wds")
+
+
+class LinearProbe(Probe):
+    Spec = LinearSpec
+    produces = CLASS_SCORES
+
+    def fit(self, train: ProbeData, val: ProbeData, spec: LinearSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
+        out = fit_linear_grid(train.feats, labels_tensor(train), val.feats, labels_tensor(val), train.num_classes,
+                              lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs, batch_size=spec.batch_size,
+                              holdout=spec.holdout, refit=spec.refit, seed=ctx.seed, device=ctx.device,
+                              return_scores=ctx.keep_outputs, whiten=spec.whiten)
+        return classification_results(out)

@@ -12,14 +12,16 @@ class indices: they must lie in [0, num_nouns) and [0, num_verbs) (Ego4D ids are
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from totobench.errors import DataError
+from totobench.probes.base import STA_OUTPUTS, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
 
 IGNORE = -100  # class target of cells without an object (cross_entropy's ignore_index)
 
@@ -165,3 +167,38 @@ def decode_sta(outputs: Mapping[str, torch.Tensor], frame_sizes: Sequence[tuple[
                 "time_to_contact": float(ttcs[i, cell]), "score": float(score)})
         frames.append(detections)
     return frames
+
+
+@dataclass(frozen=True)
+class StaHeadSpec(ProbeSpec):
+    """`probe:` settings of the STA head (see train_sta_head); `topk` detections are kept per frame."""
+    name: str = "sta_head"
+    pooling: str = "last_frame"
+    epochs: int = field(default=30, metadata={"min": 1})
+    lr: float = field(default=1e-3, metadata={"gt": 0})
+    weight_decay: float = field(default=1e-4, metadata={"min": 0})
+    batch_size: int = field(default=64, metadata={"min": 1})
+    hidden: int = field(default=256, metadata={"min": 1})
+    topk: int = field(default=20, metadata={"min": 1})
+
+
+class StaHeadProbe(Probe):
+    """feats: {layer: last-frame tokens [N, h*w, D]} with token_grid (1, h, w); train.targets: the
+    targets of `sta_targets`; num_classes = (num_nouns, num_verbs). Outputs: the head's raw
+    outputs on the val rows (the task decodes them to boxes)."""
+    Spec = StaHeadSpec
+    produces = STA_OUTPUTS
+
+    def fit(self, train: ProbeData, val: ProbeData, spec: StaHeadSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
+        _, h, w = train.token_grid
+        num_nouns, num_verbs = train.num_classes
+        out = {}
+        for layer in train.layers:
+            x_tr = torch.from_numpy(np.asarray(train.feats[layer]).astype(np.float32)).reshape(-1, h, w, train.feats[layer].shape[-1])
+            x_va = torch.from_numpy(np.asarray(val.feats[layer]).astype(np.float32)).reshape(-1, h, w, val.feats[layer].shape[-1])
+            model = train_sta_head(x_tr, train.targets, num_nouns, num_verbs, epochs=spec.epochs, lr=spec.lr,
+                                   seed=ctx.seed, batch_size=spec.batch_size, weight_decay=spec.weight_decay,
+                                   hidden=spec.hidden)
+            with torch.no_grad():
+                out[layer] = LayerResult(outputs=model(x_va))
+        return out

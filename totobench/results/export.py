@@ -35,14 +35,12 @@ import html
 import io
 import json
 import os
-import sys
 from pathlib import Path
 
 from totobench import __version__
 from totobench.errors import DataError
 from totobench.results.schema import (RESULT_SCHEMA_VERSION, check_result, created_now,
-                                      load_result, parse_created, read_result_json,
-                                      write_bytes_atomic)
+                                      load_result, parse_created, read_result_json)
 from totobench.results.table import format_hparams, format_metric
 
 LEADERBOARD_VERSION = "1"
@@ -396,17 +394,3 @@ def export(results: list[dict], fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {sorted(FORMATS)}")
     return FORMATS[fmt](results)
-
-
-def cli_export(args) -> int:
-    """`totobench export RESULTS --format md|csv|json|html [--out FILE]`; merge notes go to stderr."""
-    results = collect_results(args.results)
-    for note in merge_notes(results):
-        print(f"totobench: merged runs: {note}", file=sys.stderr)
-    text = export(results, args.format)
-    if args.out:
-        write_bytes_atomic(Path(args.out), text.encode("utf-8"))
-        print(f"wrote {args.out} ({len(results)} results, format {args.format})", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0

@@ -11,7 +11,8 @@ import io
 import math
 from pathlib import Path
 
-from totobench.results.schema import safe_name, write_bytes_atomic
+from totobench.io import atomic_write
+from totobench.results.schema import safe_name
 
 
 def run_labels(results: list[dict]) -> list[str]:
@@ -113,9 +114,7 @@ def plot_layer_sweep(results: list[dict], path, task: str | None = None):
     if hasattr(path, "write"):
         path.write(data)
         return path
-    path = Path(path)
-    write_bytes_atomic(path, data)
-    return path
+    return atomic_write(path, data)
 
 
 def write_sweep_plots(results: list[dict], out_dir: str | Path) -> list[Path]:

@@ -19,15 +19,14 @@ import datetime
 import json
 import math
 import numbers
-import os
 import re
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
 from totobench.errors import DataError
+from totobench.io import atomic_write
 
 RESULT_SCHEMA_VERSION = "1"
 
@@ -39,21 +38,27 @@ class ModelInfo(TypedDict):
     num_layers: int            # number of transformer blocks; depth = (layer + 1) / num_layers
     dim: int                   # width of the residual stream
     params: int                # number of parameters of the backbone
+    path: NotRequired[str | None]  # checkpoint folder (None for random init)
 
 
 class TaskInfo(TypedDict):
     name: str                  # task variant, e.g. "imagenet", "imagenet-linear"
+    kind: NotRequired[str]     # the task class (YAML `class:`), e.g. "classification"
+    dataset_format: NotRequired[str]  # e.g. "imagenet", "k400"
     dataset_root: str | None   # None for simulator tasks that have no dataset folder
     dataset_fingerprint: str   # changes when the dataset's files change
     main_metric: str           # key of `metrics` that ranks layers and models (higher is better)
 
 
 class Protocol(TypedDict):
-    probe: str                 # "linear", "attentive", "knn", "label-propagation", "bc", ...
-    grid: dict[str, Any]       # hyper-parameter grid searched, e.g. {"lr": [1e-3, 1e-2]}
+    probe: str                 # "linear", "attentive", "knn", "label_propagation", "bc_mlp", ...
+    grid: dict[str, Any]       # hyper-parameter grid searched, e.g. {"lrs": [1e-3, 1e-2]}
+    settings: NotRequired[dict[str, Any]]  # every other probe setting (the resolved spec)
     selection_split: str       # split that chose the hyper-parameters, e.g. "train-holdout-10pct"
     report_split: str          # split the metrics are reported on, e.g. "val"
     seed: int
+    input: NotRequired[dict[str, Any]]  # the input settings, resolved against the model (frames, resolution, ...)
+    data: NotRequired[dict[str, Any]]   # facts of the run: split sizes, classes, views, ...
 
 
 class LayerRow(TypedDict):
@@ -82,6 +87,7 @@ class ResultFile(TypedDict):
     config: dict[str, Any]     # the resolved task config
     env: dict[str, Any]        # versions, device, host facts
     timing_s: dict[str, float]  # wall seconds per stage, e.g. {"extract": 12.0, "probe": 3.5}
+    run: NotRequired[dict[str, Any]]    # how the run was asked for: {"layers": [...], "quick": bool}
     extra: NotRequired[dict[str, Any]]  # task facts such as skipped videos
 
 
@@ -295,6 +301,26 @@ def depth_fraction(layer: int, num_layers: int) -> float:
     return (layer + 1) / num_layers
 
 
+def build_result(*, model: dict, task: dict, protocol: dict, per_layer: list[dict], config: dict,
+                 env: dict, timing_s: dict, run: dict, extra: dict, version: str) -> dict:
+    """The one place a result document is assembled (every key it writes is declared above).
+
+    per_layer: [{"layer", "metrics", "best_hparams", "select_score"}]; depth and the best layer
+    (highest main metric, the shallower layer on ties) are computed here. Raises DataError when a
+    row lacks the main metric."""
+    n, main = model["num_layers"], task["main_metric"]
+    rows = [{"layer": r["layer"], "depth": depth_fraction(r["layer"], n), "metrics": r["metrics"],
+             "best_hparams": r["best_hparams"], "select_score": r["select_score"]} for r in per_layer]
+    missing = [r["layer"] for r in rows if main not in r["metrics"]]
+    if missing:
+        raise DataError(f"task {task['name']} gave no {main!r} for layers {missing}")
+    best = max(rows, key=lambda r: (r["metrics"][main], -r["layer"]))
+    return {"schema_version": RESULT_SCHEMA_VERSION, "totobench_version": version, "created": created_now(),
+            "model": model, "task": task, "protocol": protocol, "per_layer": rows,
+            "best_layer": {"layer": best["layer"], "depth": best["depth"], "metrics": best["metrics"]},
+            "config": config, "env": env, "timing_s": timing_s, "run": run, "extra": extra}
+
+
 # ---------------------------------------------------------------------------------------------
 # files
 
@@ -358,37 +384,8 @@ def _to_json(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` so that a reader sees the old file or the whole new one, never part.
-
-    The bytes go to a temporary file in the same folder, are flushed and fsynced, then renamed
-    over `path` (os.replace); on any failure the temporary file is removed and `path` is
-    untouched. Parent folders are created. Returns `path`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_result_atomic(path: str | Path, obj: dict) -> Path:
-    """Validate `obj` and write it as JSON (indented, no NaN) to `path` with `write_bytes_atomic`.
+    """Validate `obj` and write it as JSON (indented, no NaN) to `path` with `io.atomic_write`.
 
     Numpy/torch scalars are written as plain numbers. Nothing is written, and an existing file
     at `path` is left as it was, when validation, serialisation or the write fails.
@@ -399,7 +396,7 @@ def write_result_atomic(path: str | Path, obj: dict) -> Path:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise DataError(f"{path}: refusing to write an invalid result: {problems[0]}{more}")
     text = json.dumps(obj, indent=2, allow_nan=False, default=_to_json) + "\n"
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    return atomic_write(path, text)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -417,51 +414,7 @@ def safe_name(name: str) -> str:
     return safe
 
 
-safe_model_name = safe_name  # the name the runner uses
-
 
 def result_path(out_dir: str | Path, model_name: str, task_name: str) -> Path:
     """Where the result of `model_name` on `task_name` lives: out_dir/<model>/<task>.json."""
     return Path(out_dir) / safe_name(model_name) / f"{safe_name(task_name)}.json"
-
-
-# ---------------------------------------------------------------------------------------------
-# `totobench validate FILE...`
-
-def cli_validate(args) -> int:
-    """Check each file of `args.files` against the schema; a folder means every *.json below it
-    that has a schema_version field (other JSON there is not a result file and is skipped).
-
-    Prints one line per problem, prefixed by the file, or "FILE: ok (...)" for a valid file.
-    Returns 0 when every file is valid, 1 otherwise.
-    """
-    files: list[tuple[Path, bool]] = []  # (path, named explicitly)
-    for name in args.files:
-        p = Path(name)
-        files.extend([(f, False) for f in sorted(p.rglob("*.json"))] if p.is_dir() else [(p, True)])
-    invalid = checked = 0
-    for path, explicit in files:
-        try:
-            obj = read_result_json(path)
-            if not explicit and "schema_version" not in obj:
-                continue  # a folder may hold other JSON (exports, predictions)
-            checked += 1
-            check_schema_version(obj, path)
-        except DataError as err:
-            print(err)
-            invalid += 1
-            continue
-        problems = validate_result(obj)
-        for problem in problems:
-            print(f"{path}: {problem}")
-        if problems:
-            invalid += 1
-        else:
-            print(f"{path}: ok ({obj['model']['name']} on {obj['task']['name']}, "
-                  f"{len(obj['per_layer'])} layers, best layer {obj['best_layer']['layer']})")
-    if checked == 0 and invalid == 0:
-        print("no result files found in " + ", ".join(args.files))
-        return 1
-    if checked > 1:
-        print(f"{checked - invalid} of {checked} files valid")
-    return 1 if invalid else 0

@@ -1,13 +1,26 @@
-"""What a task is: a class registered by kind, built from its YAML config, run against a backbone.
+"""The task template: what every task does, and the few things a task kind supplies.
 
-The runner owns everything around a task (model loading, layer parsing, result files); a task
-owns its dataset, its probe and its metric, and returns one row per layer.
+`Task.run` resolves the input settings against the model, extracts the features of its splits
+through the one extractor (all requested layers in one pass, through the feature cache), fits the
+registered probe the YAML names, scores the probe's outputs with the task's metric, keeps the
+metrics the YAML asks for and writes the protocol record. A task kind supplies:
+
+- its typed YAML sections: `Dataset`, `Input`, `Quick` (frozen dataclasses of `Settings`; their
+  defaults are the only defaults);
+- `consumes`: the kind of probe output it scores (class scores, STA outputs, soft masks, a policy);
+- `metric_names(cfg)`: the metrics it can report (the YAML `metrics:` picks among them);
+- `splits(ctx, inputs)`: its train and val splits as extractor datasets with their cache keys;
+- `probe_data(split, features)`: the features and targets the probe reads; `score(...)`: metrics.
+
+Tasks whose evaluation is not "extract two splits, fit, score" (DAVIS: one video at a time; the
+robot: closed-loop rollouts) override `evaluate` and keep everything else. docs/adding-a-task.md
+walks through adding a task.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
+import fnmatch
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -16,48 +29,72 @@ import torch
 from rich.console import Console
 
 from totobench.errors import ConfigError
-
-# Task kind (the YAML `class:`) -> module that registers it. Imported on first use only, so a
-# missing optional dependency of one task (mujoco, pytorchvideo) never breaks the others.
-TASK_MODULES = {
-    "classification": "totobench.tasks.classification",
-    "video_classification": "totobench.tasks.kinetics",
-    "label_propagation": "totobench.tasks.davis",
-    "ego4d_sta": "totobench.tasks.ego4d_sta",
-    "robot_bc": "totobench.tasks.robot",
-}
-_TASK_CLASSES: dict[str, type["Task"]] = {}
+from totobench.features.extract import LayerFeatures, extract_features
+from totobench.probes.base import CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
+from totobench.registry import PROBES
+from totobench.settings import Settings
 
 
-def register_task(kind: str):
-    """Class decorator: make a Task subclass available under `class: <kind>` in task YAMLs."""
-    def wrap(cls):
-        cls.kind = kind
-        _TASK_CLASSES[kind] = cls
-        return cls
-    return wrap
+@dataclass(frozen=True)
+class DatasetSpec(Settings):
+    """`dataset:` where the data is (null root: --data-root, $TOTOBENCH_DATA_ROOT, else the data world)."""
+    format: str = ""
+    root: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
 
 
-def task_class(kind: str) -> type["Task"]:
-    if kind not in _TASK_CLASSES and kind in TASK_MODULES:
-        importlib.import_module(TASK_MODULES[kind])
-    if kind not in _TASK_CLASSES:
-        close = difflib.get_close_matches(kind, TASK_MODULES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(TASK_MODULES)})"
-        raise ConfigError(f"unknown task class '{kind}'{hint}")
-    return _TASK_CLASSES[kind]
+@dataclass(frozen=True)
+class InputSpec(Settings):
+    """`input:` how frames are prepared; null values are filled from the model (see MODEL_INPUTS)."""
+    resolution: int | None = field(default=None, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class QuickSpec(Settings):
+    """`quick:` what `--quick` shrinks."""
+    epochs: int | None = field(default=None, metadata={"min": 1})
+
+
+# input setting -> the model config attribute that fills it when the YAML leaves it null
+MODEL_INPUTS = {"resolution": "resolution", "frames": "num_frames", "stride": "frame_stride"}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One task variant, validated: the merged YAML (with --set) as typed sections."""
+    name: str
+    path: str
+    kind: str                       # the YAML `class:`, a key of totobench.registry.TASKS
+    description: str
+    dataset: DatasetSpec
+    input: InputSpec
+    probe: ProbeSpec
+    quick: QuickSpec
+    metrics: tuple[str, ...]        # what the result reports (the task's metric names, fnmatch patterns allowed)
+    main_metric: str
+    seed: int = 0
+    batch_size: int = 64
+    num_workers: int = 0
+
+    def record(self) -> dict[str, Any]:
+        """The resolved config as written into the result file (every default filled in)."""
+        return {"task": self.name, "class": self.kind, "description": self.description,
+                "dataset": self.dataset.as_dict(), "input": self.input.as_dict(), "probe": self.probe.as_dict(),
+                "metrics": list(self.metrics), "main_metric": self.main_metric, "quick": self.quick.as_dict(),
+                "seed": self.seed, "batch_size": self.batch_size, "num_workers": self.num_workers}
 
 
 @dataclass
 class RunContext:
     """What the runner hands a task: the frozen backbone and where to read and write."""
-    backbone: Any                 # totobench.model.registry.Backbone
+    backbone: Any                 # totobench.model.backbone.Backbone
     layers: list[int]             # non-negative, sorted, unique
     device: torch.device
     quick: bool
     data_root: Path | None        # this task's dataset root (None for simulator tasks)
-    artifacts_dir: Path           # side outputs: DAVIS masks, STA predictions, ...
-    cache: Any                    # totobench.features.cache.FeatureCache or None
+    artifacts_dir: Path           # side outputs: DAVIS masks, STA predictions, probe resume state
+    cache: Any                    # totobench.features.cache.FeatureCache
     console: Console
     seed: int = 0
     num_workers: int = 0
@@ -70,39 +107,172 @@ class LayerRow:
     metrics: dict[str, float]
     best_hparams: dict[str, Any] = field(default_factory=dict)
     select_score: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)   # not written: e.g. val scores for a task's own metric
+
+
+@dataclass
+class Split:
+    """One split, ready for the extractor."""
+    name: str                      # "train", "val"
+    dataset: Any                   # items as the extractor reads them (see features.extract)
+    key: dict[str, Any]            # feature-cache key parts that identify its items and transform
+    kind: str = "image"            # "image": every frame its own sequence; "video": one clip sequence
+    batch_size: int = 64
+    info: dict[str, Any] = field(default_factory=dict)   # what probe_data/score need (classes, annotations, ...)
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` gives back to `run`."""
+    rows: list[LayerRow]
+    fingerprint: str
+    facts: dict[str, Any] = field(default_factory=dict)     # protocol facts: split sizes, grids, ...
+    extra: dict[str, Any] = field(default_factory=dict)     # result `extra`: skipped items, cache hits
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class TaskOutput:
     per_layer: list[LayerRow]
-    protocol: dict[str, Any]          # probe, grid, selection_split, report_split, seed, ...
+    protocol: dict[str, Any]
     dataset_fingerprint: str
-    extra: dict[str, Any] = field(default_factory=dict)   # e.g. skipped videos per split
+    extra: dict[str, Any] = field(default_factory=dict)
     timing_s: dict[str, float] = field(default_factory=dict)
 
 
 class Task:
-    """Base class. Subclasses set `kind` via @register_task and implement `run`."""
+    """Base class of every task kind (registered in totobench.registry.TASKS)."""
     kind: ClassVar[str] = ""
+    Dataset: ClassVar[type[DatasetSpec]] = DatasetSpec
+    Input: ClassVar[type[InputSpec]] = InputSpec
+    Quick: ClassVar[type[QuickSpec]] = QuickSpec
+    consumes: ClassVar[str] = CLASS_SCORES
+    default_probe: ClassVar[str] = "linear"
+    keep_outputs: ClassVar[bool] = False      # classification probes return val scores (for `score`)
 
-    def __init__(self, name: str, cfg: dict):
-        self.name = name
+    def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
+        self.name = cfg.name
 
+    # ------------------------------------------------------------------ what a task kind supplies
+    @classmethod
+    def metric_names(cls, cfg: TaskConfig) -> tuple[str, ...]:
+        """Every metric this task can report for `cfg`."""
+        return ("top1", "top5")
+
+    def splits(self, ctx: RunContext, inputs: dict) -> tuple[Split, Split]:
+        raise NotImplementedError
+
+    def probe_data(self, split: Split, features: LayerFeatures) -> ProbeData:
+        """What the probe reads of one extracted split (default: class labels)."""
+        return ProbeData(feats=features.feats, labels=features.labels, num_classes=split.info.get("num_classes"))
+
+    def score(self, ctx: RunContext, results: dict[int, LayerResult], val: Split,
+              val_data: ProbeData) -> list[LayerRow]:
+        """Per-layer rows from the probe's results (default: the metrics the probe measured)."""
+        return [LayerRow(layer=layer, metrics=r.metrics, best_hparams=r.best_hparams, select_score=r.select_score)
+                for layer, r in sorted(results.items())]
+
+    def facts(self, train: Split, val: Split, train_data: ProbeData, val_data: ProbeData) -> dict[str, Any]:
+        """Protocol facts of this run (split sizes, ...)."""
+        return {}
+
+    def fingerprint(self, train: Split, val: Split) -> str:
+        return val.key.get("dataset", "")
+
+    # ------------------------------------------------------------------ the shared steps
     @property
     def main_metric(self) -> str:
-        return self.cfg["main_metric"]
+        return self.cfg.main_metric
 
     @property
     def dataset_format(self) -> str:
-        return self.cfg["dataset"]["format"]
+        return self.cfg.dataset.format
 
-    def quick_limit(self, key: str, quick: bool, default: int | None = None) -> int | None:
-        """A subset size from the YAML `quick:` section when running with --quick, else None."""
-        if not quick:
-            return None
-        return self.cfg.get("quick", {}).get(key, default)
+    @property
+    def probe(self) -> Probe:
+        return PROBES.get(self.cfg.probe.name)()
+
+    def quick_limit(self, key: str, quick: bool) -> int | None:
+        """A subset size from the `quick:` section when running with --quick, else None."""
+        return getattr(self.cfg.quick, key) if quick else None
+
+    def probe_spec(self, quick: bool) -> ProbeSpec:
+        """The YAML's probe spec, with `quick.epochs` under --quick."""
+        spec = self.cfg.probe
+        if quick and self.cfg.quick.epochs is not None and hasattr(spec, "epochs"):
+            spec = spec.replace(epochs=self.cfg.quick.epochs)
+        return spec
+
+    def resolve_input(self, backbone) -> dict[str, Any]:
+        """The input settings with nulls filled from the model's config."""
+        inputs = self.cfg.input.as_dict()
+        for key, attribute in MODEL_INPUTS.items():
+            if key in inputs and inputs[key] is None:
+                inputs[key] = getattr(backbone.config, attribute)
+        return inputs
+
+    def probe_context(self, ctx: RunContext) -> ProbeContext:
+        features_id = getattr(ctx.backbone, "features_id", getattr(ctx.backbone, "sha256", ""))
+        return ProbeContext(device=ctx.device, seed=ctx.seed, state_dir=ctx.artifacts_dir,
+                            run_key=f"{features_id}:{self.name}", keep_outputs=self.keep_outputs)
+
+    def extract(self, ctx: RunContext, split: Split, pooling: str) -> LayerFeatures:
+        return extract_features(ctx.backbone, split.dataset, ctx.layers, kind=split.kind, pooling=pooling,
+                                cache=ctx.cache, batch_size=split.batch_size, num_workers=ctx.num_workers,
+                                device=ctx.device, console=ctx.console, desc=f"{self.name} {split.name}",
+                                key_parts=split.key)
+
+    def evaluate(self, ctx: RunContext, inputs: dict, spec: ProbeSpec) -> Evaluation:
+        """Extract train and val, fit the probe on every layer, score val."""
+        t0 = time.perf_counter()
+        train, val = self.splits(ctx, inputs)
+        tr, va = self.extract(ctx, train, spec.pooling), self.extract(ctx, val, spec.pooling)
+        t1 = time.perf_counter()
+        train_data, val_data = self.probe_data(train, tr), self.probe_data(val, va)
+        results = self.probe.fit(train_data, val_data, spec, self.probe_context(ctx))
+        rows = self.score(ctx, results, val, val_data)
+        t2 = time.perf_counter()
+        extra = {"feature_cache": "hit" if tr.from_cache and va.from_cache else "miss",
+                 **self.skipped(ctx, train, val, tr, va)}
+        return Evaluation(rows=rows, fingerprint=self.fingerprint(train, val),
+                          facts=self.facts(train, val, train_data, val_data), extra=extra,
+                          timing={"extract": t1 - t0, "probe": t2 - t1})
+
+    def skipped(self, ctx: RunContext, train: Split, val: Split, tr: LayerFeatures, va: LayerFeatures) -> dict:
+        """Result `extra` entries about items that could not be read (default: none)."""
+        return {}
 
     def run(self, ctx: RunContext) -> TaskOutput:
-        raise NotImplementedError
+        spec = self.probe_spec(ctx.quick)
+        inputs = self.resolve_input(ctx.backbone)
+        ev = self.evaluate(ctx, inputs, spec)
+        for row in ev.rows:
+            row.metrics = self.reported(row.metrics)
+        probe = self.probe
+        protocol = {"probe": spec.name, "grid": spec.grid, "settings": spec.settings,
+                    "selection_split": probe.selection_split(spec), "report_split": self.report_split,
+                    "seed": ctx.seed, "input": inputs, "data": ev.facts}
+        return TaskOutput(per_layer=ev.rows, protocol=protocol, dataset_fingerprint=ev.fingerprint,
+                          extra=ev.extra, timing_s=ev.timing)
+
+    @property
+    def report_split(self) -> str:
+        return self.cfg.dataset.val_split
+
+    def reported(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The metrics the YAML's `metrics:` selects, in the task's order."""
+        return {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in self.cfg.metrics)}
+
+
+def check_metrics(task_cls: type[Task], cfg: TaskConfig, where: str) -> None:
+    """ConfigError unless every `metrics:` entry names (or matches) a metric of the task and the
+    main metric is among those reported."""
+    from totobench.registry import did_you_mean
+    known = task_cls.metric_names(cfg)
+    for pattern in cfg.metrics:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in known):
+            raise ConfigError(f"{where}: metrics: {pattern!r} is not a metric of task class "
+                              f"{cfg.kind}{did_you_mean(pattern, known)}")
+    if not any(fnmatch.fnmatchcase(cfg.main_metric, p) for p in cfg.metrics):
+        raise ConfigError(f"{where}: main_metric {cfg.main_metric!r} must be one of the reported metrics "
+                          f"({', '.join(cfg.metrics)})")

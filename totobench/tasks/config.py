@@ -8,7 +8,6 @@ and the metrics. Shared parts live in files whose name starts with `_` and are p
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -16,40 +15,17 @@ from typing import Any
 import yaml
 
 from totobench.errors import ConfigError
+from totobench.registry import did_you_mean
 from totobench.paths import tasks_dir
 
-# Top-level keys and the type each must have. Nested sections are free-form mappings whose
-# contents the task class checks (each class knows its own probe options).
+# Top-level keys and the type each must have; the sections (dataset, input, probe, quick) are
+# typed by the task class and the probe (tasks/base.py, probes/base.py).
 TOP_LEVEL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "task": str,
-    "class": str,
-    "include": (str, list),
-    "description": str,
-    "dataset": dict,
-    "input": dict,
-    "probe": dict,
-    "metrics": list,
-    "main_metric": str,
-    "quick": dict,
-    "seed": int,
-    "batch_size": int,
-    "num_workers": int,
+    "task": str, "class": str, "include": (str, list), "description": str, "dataset": dict,
+    "input": dict, "probe": dict, "metrics": list, "main_metric": str, "quick": dict, "seed": int,
+    "batch_size": int, "num_workers": int,
 }
-DATASET_KEYS: dict[str, type | tuple[type, ...]] = {
-    "format": str, "root": (str, type(None)), "train_split": str, "val_split": str,
-    "resolution_folder": (str, type(None)), "env": (str, list), "annotations": dict,
-    "demos": int, "rollouts": int, "episode_length": int, "action_repeat": int, "camera": str,
-}
-INPUT_KEYS: dict[str, type | tuple[type, ...]] = {
-    "resolution": (int, type(None)), "frames": (int, type(None)), "stride": (int, type(None)),
-    "kind": str, "clips_per_video": int, "crops_per_clip": int, "context_frames": int,
-    "keep_aspect": bool, "tile": bool, "scale": (int, float),
-}
-QUICK_KEYS: dict[str, type | tuple[type, ...]] = {
-    "max_train_per_class": int, "max_val_per_class": int, "max_train": int, "max_val": int,
-    "max_sequences": int, "epochs": int, "episodes": int, "demos": int, "rollouts": int,
-    "episode_length": int,
-}
+SECTIONS = ("dataset", "input", "probe", "quick")
 
 # Which folder of a `--data-root` (or of the generated data world) holds each format.
 FORMAT_FOLDERS = {"imagenet": "imagenet", "k400": "kinetics400", "ego4d-sta": "ego4d",
@@ -59,36 +35,64 @@ FORMAT_FOLDERS = {"imagenet": "imagenet", "k400": "kinetics400", "ego4d-sta": "e
 def _type_name(t) -> str:
     if isinstance(t, tuple):
         return " or ".join(_type_name(x) for x in t)
-    return {str: "a string", int: "an integer", float: "a number", list: "a list",
-            dict: "a mapping", bool: "true/false", type(None): "null"}.get(t, t.__name__)
+    return {str: "a string", int: "an integer", list: "a list", dict: "a mapping"}.get(t, t.__name__)
 
 
-def _check_section(path: Path, section: str, data: dict, spec: dict) -> None:
-    for key, value in data.items():
-        where = f"{section}.{key}" if section else key
-        if key not in spec:
-            close = difflib.get_close_matches(key, spec, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (expected one of: {', '.join(spec)})"
-            raise ConfigError(f"{path}: unknown key '{where}'{hint}")
-        expected = spec[key]
-        # YAML integers are fine where a number is expected; bools are not integers here.
-        if isinstance(value, bool) and expected is int:
-            raise ConfigError(f"{path}: '{where}' must be {_type_name(expected)}, got {value!r}")
-        if not isinstance(value, expected):
-            raise ConfigError(f"{path}: '{where}' must be {_type_name(expected)}, got {value!r}")
-
-
-def validate_task_config(cfg: dict, path: Path) -> None:
-    """Raise ConfigError naming the file and key when `cfg` has an unknown key or a wrong type."""
-    _check_section(path, "", cfg, TOP_LEVEL_KEYS)
-    for section, spec in (("dataset", DATASET_KEYS), ("input", INPUT_KEYS), ("quick", QUICK_KEYS)):
-        if section in cfg:
-            _check_section(path, section, cfg[section], spec)
+def _check_top_level(path: Path, cfg: dict, sources: dict[tuple, str]) -> None:
+    for key, value in cfg.items():
+        where = f"{sources[(key,)]}: {path}" if (key,) in sources else str(path)
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(str(key), TOP_LEVEL_KEYS)}")
+        expected = TOP_LEVEL_KEYS[key]
+        if (isinstance(value, bool) and expected is int) or not isinstance(value, expected):
+            raise ConfigError(f"{where}: '{key}' must be {_type_name(expected)}, got {value!r}")
     for key in ("class", "main_metric"):
         if key not in cfg:
             raise ConfigError(f"{path}: missing key '{key}'")
-    if "format" not in cfg.get("dataset", {}):
+    if not isinstance(cfg.get("dataset"), dict) or "format" not in cfg["dataset"]:
         raise ConfigError(f"{path}: missing key 'dataset.format'")
+    if "metrics" in cfg and not all(isinstance(m, str) for m in cfg["metrics"]):
+        raise ConfigError(f"{path}: 'metrics' must be a list of metric names, got {cfg['metrics']!r}")
+
+
+def build_task_config(name: str, cfg: dict, path: Path, sources: dict[tuple, str] | None = None):
+    """The typed TaskConfig of a merged YAML mapping; ConfigError (file, key, expectation) otherwise.
+
+    Builds each section with the task class's and the probe's typed specs, so a wrong key or
+    value fails here, before any model is loaded or any feature extracted."""
+    from totobench.probes.base import Probe
+    from totobench.registry import PROBES, TASKS
+    from totobench.tasks.base import TaskConfig, check_metrics
+    sources = sources or {}
+    _check_top_level(path, cfg, sources)
+    task_cls = TASKS.get(cfg["class"], where=f"{path}: class")
+
+    def section(key: str) -> tuple[dict, dict[str, str]]:
+        data = cfg.get(key) or {}
+        return data, {k[1]: v for k, v in sources.items() if len(k) == 2 and k[0] == key}
+
+    probe_section, probe_sources = section("probe")
+    probe_name = probe_section.get("name", task_cls.default_probe)
+    if not isinstance(probe_name, str):
+        raise ConfigError(f"{probe_sources.get('name', path)}: probe.name: expected a probe name, got {probe_name!r}")
+    PROBES.check(probe_name, where=f"{probe_sources.get('name', path)}: probe.name")
+    probe_cls: type[Probe] = PROBES.get(probe_name)
+    if probe_cls.produces != task_cls.consumes:
+        fits = [n for n in PROBES.names() if PROBES.get(n).produces == task_cls.consumes]
+        raise ConfigError(f"{path}: probe.name {probe_name!r} gives {probe_cls.produces}, but task class "
+                          f"{cfg['class']!r} scores {task_cls.consumes} (probes that fit: {', '.join(fits)})")
+    specs = {key: spec_cls.from_mapping(*section(key)[:1], f"{path}: {key}", section(key)[1])
+             for key, spec_cls in (("dataset", task_cls.Dataset), ("input", task_cls.Input),
+                                   ("quick", task_cls.Quick), ("probe", probe_cls.Spec))}
+    config = TaskConfig(name=name, path=str(path), kind=cfg["class"], description=cfg.get("description", ""),
+                        metrics=tuple(cfg.get("metrics") or (cfg["main_metric"],)), main_metric=cfg["main_metric"],
+                        seed=cfg.get("seed", 0), batch_size=cfg.get("batch_size", 64),
+                        num_workers=cfg.get("num_workers", 0), **specs)
+    for key in ("batch_size", "num_workers", "seed"):
+        if getattr(config, key) < (1 if key == "batch_size" else 0):
+            raise ConfigError(f"{path}: '{key}' must be >= {1 if key == 'batch_size' else 0}, got {getattr(config, key)}")
+    check_metrics(task_cls, config, str(path))
+    return config
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -172,9 +176,7 @@ def resolve_task_names(spec: str) -> list[str]:
         raise ConfigError("--tasks: expected `all` or a comma-separated list of task names")
     for name in names:
         if name not in tasks:
-            close = difflib.get_close_matches(name, tasks, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else "; see `totobench ls tasks`"
-            raise ConfigError(f"unknown task '{name}'{hint}")
+            raise ConfigError(f"unknown task '{name}'{did_you_mean(name, tasks)} (see `totobench ls tasks`)")
     return names
 
 
@@ -201,14 +203,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
-def apply_overrides(cfg: dict, task_name: str, overrides: list[str]) -> dict:
-    """Apply `--set` overrides to one task's config.
+def apply_overrides(cfg: dict, task_name: str, overrides: list[str]) -> tuple[dict, dict[tuple, str]]:
+    """Apply `--set` overrides to one task's config; also returns {key path: "--set TEXT"} of the
+    keys they set (so an error names the flag that caused it).
 
     `TASK.x.y=v` applies to that task only; `FORMAT.root=v` (e.g. `imagenet.root=/data/in1k`,
     `k400.root=...`) sets the dataset root of every task reading that format; anything else is a
     dotted path into every task's config.
     """
     cfg = dict(cfg)
+    sources: dict[tuple, str] = {}
     dataset = cfg.get("dataset")
     fmt = dataset.get("format") if isinstance(dataset, dict) else None
     for text in overrides:
@@ -223,7 +227,8 @@ def apply_overrides(cfg: dict, task_name: str, overrides: list[str]) -> dict:
         elif _is_task_name(head) and len(parts) > 1:
             continue  # meant for another task
         cfg = deep_merge(cfg, _nest(parts, value))
-    return cfg
+        sources[tuple(parts[:2])] = f"--set {text}"
+    return cfg, sources
 
 
 def _is_task_name(name: str) -> bool:
@@ -237,15 +242,13 @@ def _nest(parts: list[str], value: Any) -> dict:
     return out
 
 
-def load_task_config(name: str, overrides: list[str] = ()) -> dict:
-    """The merged, validated config of task `name`, with `--set` overrides applied."""
+def load_task_config(name: str, overrides: list[str] = ()):
+    """The typed, validated TaskConfig of task `name`, with `--set` overrides applied."""
     tasks = available_tasks()
     if name not in tasks:
         resolve_task_names(name)  # raises with close matches
     path = tasks[name]
     cfg = load_yaml_with_includes(path)
     cfg.setdefault("task", name)
-    cfg = apply_overrides(cfg, name, list(overrides))
-    validate_task_config(cfg, path)
-    cfg["_path"] = str(path)
-    return cfg
+    cfg, sources = apply_overrides(cfg, name, list(overrides))
+    return build_task_config(name, cfg, path, sources)

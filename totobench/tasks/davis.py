@@ -11,17 +11,18 @@ results layout (one folder per layer) and scored with the official J&F rules.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from totobench.data.preprocess import resize_to
 from totobench.errors import ConfigError
-from totobench.features.extract import extract_features, progress_bar
-from totobench.tasks.base import LayerRow, RunContext, Task, TaskOutput, register_task
-
-PROPAGATION_DEFAULTS = {"context": 20, "radius": 12, "topk": 10, "temperature": 0.05}
+from totobench.features.extract import extract_features
+from totobench.probes.base import SOFT_MASKS, ProbeData
+from totobench.progress import progress_bar
+from totobench.tasks.base import DatasetSpec, Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Task
 REPORTED = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
 
@@ -33,15 +34,6 @@ def input_size(height: int, width: int, resolution: int, keep_aspect: bool, patc
     scale = resolution / min(height, width)
     snap = lambda v: max(patch, int(round(v * scale / patch)) * patch)  # noqa: E731
     return snap(height), snap(width)
-
-
-def frames_to_model_input(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
-    """uint8 [T, H, W, 3] -> float [T, 1, 3, h, w] in [0, 1] ((h, w) = size, or size x size; the
-    labels are mapped back to H x W afterwards)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    x = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float().div_(255)  # a writable copy
-    x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    return x.clamp_(0, 1).unsqueeze(1)
 
 
 def window_starts(length: int, window: int, patch: int) -> list[int]:
@@ -113,7 +105,7 @@ class DavisTiles(Dataset):
 
     def _resized(self, frame: int) -> torch.Tensor:
         if self._last is None or self._last[0] != frame:
-            self._last = (frame, frames_to_model_input(self.data.load_frame(self.seq, frame)[None], self.size)[0])
+            self._last = (frame, resize_to(self.data.load_frame(self.seq, frame)[None], self.size))
         return self._last[1]
 
     def __len__(self):
@@ -127,60 +119,60 @@ class DavisTiles(Dataset):
                 "skip_reason": None}
 
 
-@register_task("label_propagation")
-class DavisLabelPropagation(Task):
+@dataclass(frozen=True)
+class DavisDatasetSpec(DatasetSpec):
+    format: str = "davis"
+    resolution_folder: str | None = None     # null: the only folder under JPEGImages/ (e.g. 480p)
 
-    def run(self, ctx: RunContext) -> TaskOutput:
+
+@dataclass(frozen=True)
+class DavisInput(InputSpec):
+    """resolution: the short side frames are resized to (a multiple of the patch size); null:
+    `scale` x the model's resolution (the paper reads DAVIS at 256 px with 128 px models: 2x)."""
+    scale: float = field(default=2.0, metadata={"gt": 0})
+    keep_aspect: bool = True       # false: squash every frame to a square
+    tile: bool = True              # read the frame through tiles at the model's resolution, stitch the grids
+
+
+@dataclass(frozen=True)
+class DavisQuick(QuickSpec):
+    max_sequences: int = field(default=2, metadata={"min": 1})
+
+
+class DavisLabelPropagation(Task):
+    kind = "label_propagation"
+    Dataset = DavisDatasetSpec
+    Input = DavisInput
+    Quick = DavisQuick
+    consumes = SOFT_MASKS
+    default_probe = "label_propagation"
+
+    @classmethod
+    def metric_names(cls, cfg) -> tuple[str, ...]:
+        return REPORTED
+
+    def resolve_input(self, backbone) -> dict:
+        inputs = super().resolve_input(backbone)
+        model_res, patch = backbone.config.resolution, backbone.config.patch_size
+        if self.cfg.input.resolution is None:
+            inputs["resolution"] = int(round(self.cfg.input.scale * model_res / patch)) * patch
+        if inputs["resolution"] % patch:
+            raise ConfigError(f"{self.cfg.path}: input.resolution must be a multiple of the patch size "
+                              f"{patch}, got {inputs['resolution']}")
+        return inputs
+
+    def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
         from totobench.data.davis import DavisDataset
-        from totobench.metrics.davis import evaluate_davis, write_indexed_png
-        from totobench.probes.label_propagation import (label_propagation, mask_to_soft_labels,
-                                                         soft_labels_to_mask)
-        ds = self.cfg["dataset"]
-        split = ds.get("val_split", "val")
-        data = DavisDataset(ctx.data_root, split, resolution=ds.get("resolution_folder"))
-        sequences = data.sequences[: self.quick_limit("max_sequences", ctx.quick, 2)]
-        params = {**PROPAGATION_DEFAULTS, **{k: v for k, v in self.cfg.get("probe", {}).items() if k != "name"}}
-        inp = self.cfg.get("input", {})
-        model_res, patch = ctx.backbone.config.resolution, ctx.backbone.config.patch_size
-        # the short side the frames are resized to: input.resolution, else input.scale x the model's
-        resolution = inp.get("resolution") or int(round(float(inp.get("scale", 1)) * model_res / patch)) * patch
-        if resolution % patch:
-            raise ConfigError(f"{self.name}: input.resolution must be a multiple of the patch size "
-                              f"{patch}, got {resolution}")
-        keep_aspect, tile = bool(inp.get("keep_aspect", False)), bool(inp.get("tile", False))
-        window = model_res if tile else None
-        fingerprint = data.fingerprint()
+        from totobench.metrics.davis import evaluate_davis
+        split = self.cfg.dataset.val_split
+        data = DavisDataset(ctx.data_root, split, resolution=self.cfg.dataset.resolution_folder)
+        sequences = data.sequences[: self.quick_limit("max_sequences", ctx.quick)]
         layer_dirs = {layer: ctx.artifacts_dir / f"layer_{layer:02d}" for layer in ctx.layers}
-        t_feat = t_prop = 0.0
+        timing = {"extract": 0.0, "propagate": 0.0}
         with progress_bar(ctx.console) as progress:
             job = progress.add_task(f"{self.name} sequences", total=len(sequences), rate="")
             for seq in sequences:
-                names = data.frame_names(seq)
-                first = data.load_mask(seq, 0)
-                num_labels = data.num_objects(seq) + 1
-                height, width = first.shape
-                t0 = time.perf_counter()
-                size = input_size(height, width, resolution, keep_aspect, patch)
-                boxes = tile_boxes(*size, window, patch)
-                tiles = extract_features(
-                    ctx.backbone, DavisTiles(data, seq, size, boxes), ctx.layers, kind="image", pooling="tokens",
-                    cache=ctx.cache, batch_size=ctx.batch_size, num_workers=ctx.num_workers, device=ctx.device,
-                    console=None, desc=f"{self.name} {seq}",
-                    key_parts={"transform": f"davis-{size[0]}x{size[1]}-tiles{boxes}", "sequence": seq,
-                               "dataset": fingerprint, "frames": len(names)})
-                feats = {layer: stitch_tiles(torch.from_numpy(np.array(tiles.feats[layer], dtype=np.float32)).reshape(
-                    len(names), len(boxes), -1, ctx.backbone.dim), boxes, *size, patch) for layer in ctx.layers}
-                t1 = time.perf_counter()
-                for layer in ctx.layers:
-                    grid = tuple(feats[layer].shape[1:3])
-                    soft = label_propagation(feats[layer], mask_to_soft_labels(first, num_labels, grid), **params)
-                    out_dir = layer_dirs[layer] / seq
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    for i, name in enumerate(names):
-                        mask = first if i == 0 else soft_labels_to_mask(soft[i], (height, width))
-                        write_indexed_png(out_dir / f"{name}.png", mask)
-                t_feat += t1 - t0
-                t_prop += time.perf_counter() - t1
+                grid = self._propagate(ctx, data, seq, inputs, spec, layer_dirs, timing)
                 progress.update(job, advance=1)
         t0 = time.perf_counter()
         rows = []
@@ -188,10 +180,42 @@ class DavisLabelPropagation(Task):
             scores = evaluate_davis(ctx.data_root, layer_dirs[layer], split, sequences=sequences,
                                     resolution=data.resolution)
             rows.append(LayerRow(layer=layer, metrics={k: scores[k] for k in REPORTED}))
-        protocol = {"probe": "label_propagation", "grid": {}, "settings": params, "resolution": resolution,
-                    "keep_aspect": keep_aspect, "tile": tile, "feature_grid": list(grid),
-                    "selection_split": "none (no training)", "report_split": split, "seed": ctx.seed,
-                    "num_sequences": len(sequences), "results_dirs": {str(l): str(p) for l, p in layer_dirs.items()}}
-        return TaskOutput(per_layer=rows, protocol=protocol, dataset_fingerprint=fingerprint,
-                          timing_s={"extract": t_feat, "propagate": t_prop,
-                                    "evaluate": time.perf_counter() - t0})
+        timing["evaluate"] = time.perf_counter() - t0
+        facts = {"feature_grid": list(grid), "num_sequences": len(sequences),
+                 "results_dirs": {str(l): str(p) for l, p in layer_dirs.items()}}
+        return Evaluation(rows=rows, fingerprint=data.fingerprint(), facts=facts, timing=timing)
+
+    def _propagate(self, ctx: RunContext, data, seq: str, inputs: dict, spec, layer_dirs: dict,
+                   timing: dict) -> tuple[int, int]:
+        """Features of one sequence (through the cache), its masks propagated at every layer and
+        written as indexed PNGs. Returns the feature grid (h, w)."""
+        from totobench.metrics.davis import write_indexed_png
+        from totobench.probes.label_propagation import mask_to_soft_labels, soft_labels_to_mask
+        patch, window = ctx.backbone.config.patch_size, ctx.backbone.config.resolution if inputs["tile"] else None
+        names = data.frame_names(seq)
+        first = data.load_mask(seq, 0)
+        height, width = first.shape
+        t0 = time.perf_counter()
+        size = input_size(height, width, inputs["resolution"], inputs["keep_aspect"], patch)
+        boxes = tile_boxes(*size, window, patch)
+        tiles = extract_features(
+            ctx.backbone, DavisTiles(data, seq, size, boxes), ctx.layers, kind="image", pooling=spec.pooling,
+            cache=ctx.cache, batch_size=ctx.batch_size, num_workers=ctx.num_workers, device=ctx.device,
+            console=None, desc=f"{self.name} {seq}",
+            key_parts={"transform": f"davis-{size[0]}x{size[1]}-tiles{boxes}", "sequence": seq,
+                       "dataset": data.fingerprint(), "frames": len(names)})
+        feats = {layer: stitch_tiles(torch.from_numpy(np.array(tiles.feats[layer], dtype=np.float32)).reshape(
+            len(names), len(boxes), -1, ctx.backbone.dim), boxes, *size, patch) for layer in ctx.layers}
+        t1 = time.perf_counter()
+        grid = tuple(next(iter(feats.values())).shape[1:3])
+        first_labels = mask_to_soft_labels(first, data.num_objects(seq) + 1, grid)
+        results = self.probe.fit(None, ProbeData(feats=feats, targets=first_labels), spec, self.probe_context(ctx))
+        for layer, result in results.items():
+            out_dir = layer_dirs[layer] / seq
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for i, name in enumerate(names):
+                mask = first if i == 0 else soft_labels_to_mask(result.outputs[i], (height, width))
+                write_indexed_png(out_dir / f"{name}.png", mask)
+        timing["extract"] += t1 - t0
+        timing["propagate"] += time.perf_counter() - t1
+        return grid

@@ -10,16 +10,16 @@ scored with the official Top-5 mAP rules.
 from __future__ import annotations
 
 import json
-import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from totobench.features.extract import extract_features
-from totobench.tasks.base import LayerRow, RunContext, Task, TaskOutput, register_task
-
-HEAD_DEFAULTS = {"epochs": 30, "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 64, "hidden": 256, "topk": 20}
+from totobench.data.preprocess import resize_and_crop
+from totobench.io import atomic_write
+from totobench.probes.base import STA_OUTPUTS, ProbeData
+from totobench.tasks.base import Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Split, Task
 
 
 class StaClips(Dataset):
@@ -44,10 +44,7 @@ class StaClips(Dataset):
         except DataError:
             sample["skip_reason"] = "unreadable"
             return sample
-        square = torch.nn.functional.interpolate(
-            torch.from_numpy(clip).permute(0, 3, 1, 2).float(), size=(self.resolution, self.resolution),
-            mode="bilinear", antialias=True, align_corners=False)
-        sample["frames"] = square.round().clamp(0, 255).to(torch.uint8)
+        sample["frames"] = resize_and_crop(torch.from_numpy(clip), self.resolution, keep_aspect=False)
         return sample
 
 
@@ -56,76 +53,90 @@ def frame_size(ann_file, ann: dict) -> tuple[float, float]:
     return float(meta["frame_width"]), float(meta["frame_height"])
 
 
-@register_task("ego4d_sta")
-class Ego4dSta(Task):
+@dataclass(frozen=True)
+class StaInput(InputSpec):
+    frames: int | None = field(default=None, metadata={"min": 1})   # null: the model's clip length; ends at the annotated frame
+    stride: int | None = field(default=None, metadata={"min": 1})
 
-    def run(self, ctx: RunContext) -> TaskOutput:
+
+@dataclass(frozen=True)
+class StaQuick(QuickSpec):
+    max_train: int = field(default=24, metadata={"min": 1})
+    max_val: int = field(default=12, metadata={"min": 1})
+    epochs: int | None = field(default=5, metadata={"min": 1})
+
+
+class Ego4dSta(Task):
+    kind = "ego4d_sta"
+    Input = StaInput
+    Quick = StaQuick
+    consumes = STA_OUTPUTS
+    default_probe = "sta_head"
+
+    @classmethod
+    def metric_names(cls, cfg) -> tuple[str, ...]:
+        return ("Noun", "Noun+Verb", "Noun+TTC", "Overall")
+
+    def splits(self, ctx: RunContext, inputs: dict) -> tuple[Split, Split]:
         from totobench.data.ego4d import find_sta_annotations, load_sta, sta_fingerprint
-        from totobench.metrics.ego4d_sta import sta_top5_map
-        from totobench.probes.sta_head import decode_sta, sta_targets, train_sta_head
-        ds = self.cfg["dataset"]
-        inp = self.cfg.get("input", {})
+        ds = self.cfg.dataset
+        frames, stride, resolution = inputs["frames"], inputs["stride"], inputs["resolution"]
+        kind, batch = "video" if frames > 1 else "image", max(1, ctx.batch_size // frames)
+        out = []
+        for name, split, limit in (("train", ds.train_split, "max_train"), ("val", ds.val_split, "max_val")):
+            ann = load_sta(find_sta_annotations(ctx.data_root, split))
+            items = [a for a in ann.annotations if a["objects"] or name == "val"][: self.quick_limit(limit, ctx.quick)]
+            key = {"transform": f"square-{resolution}-f{frames}-s{stride}-last",
+                   "dataset": sta_fingerprint(ctx.data_root, ann), "n": len(items)}
+            out.append(Split(name, StaClips(ctx.data_root, items, frames, stride, resolution), key, kind, batch,
+                             info={"annotations": ann, "items": items}))
+        return out[0], out[1]
+
+    def probe_data(self, split: Split, features) -> ProbeData:
+        from totobench.probes.sta_head import sta_targets
+        keep = np.flatnonzero(features.valid)
+        ann, items = split.info["annotations"], [split.info["items"][i] for i in keep]
+        grid = self._grid
+        data = ProbeData(feats={layer: np.asarray(f)[keep] for layer, f in features.feats.items()},
+                         num_classes=(len(ann.nouns), len(ann.verbs)), token_grid=(1, grid, grid))
+        sizes = [frame_size(ann, item) for item in items]
+        if split.name == "train":
+            data.targets = sta_targets([item["objects"] for item in items], sizes, (grid, grid), *data.num_classes)
+        else:
+            data.targets = {"items": items, "sizes": sizes}
+        return data
+
+    def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
         mc = ctx.backbone.config
-        frames = inp.get("frames") or mc.num_frames
-        stride = inp.get("stride") or mc.frame_stride
-        resolution = inp.get("resolution") or mc.resolution
-        head = {**HEAD_DEFAULTS, **{k: v for k, v in self.cfg.get("probe", {}).items() if k != "name"}}
-        if ctx.quick and "epochs" in self.cfg.get("quick", {}):
-            head["epochs"] = self.cfg["quick"]["epochs"]
-        train_ann = load_sta(find_sta_annotations(ctx.data_root, ds.get("train_split", "train")))
-        val_ann = load_sta(find_sta_annotations(ctx.data_root, ds.get("val_split", "val")))
-        train_items = [a for a in train_ann.annotations if a["objects"]][: self.quick_limit("max_train", ctx.quick, 40)]
-        val_items = val_ann.annotations[: self.quick_limit("max_val", ctx.quick, 20)]
-        num_nouns, num_verbs = len(train_ann.nouns), len(train_ann.verbs)
-        t0 = time.perf_counter()
-        common = dict(kind="video" if frames > 1 else "image", pooling="last_frame", cache=ctx.cache,
-                      batch_size=max(1, ctx.batch_size // frames), num_workers=ctx.num_workers,
-                      device=ctx.device, console=ctx.console)
-        key = {"transform": f"square-{resolution}-f{frames}-s{stride}-last"}
-        tr = extract_features(ctx.backbone, StaClips(ctx.data_root, train_items, frames, stride, resolution),
-                              ctx.layers, desc=f"{self.name} train", key_parts={
-                                  **key, "dataset": sta_fingerprint(ctx.data_root, train_ann), "n": len(train_items)},
-                              **common)
-        va = extract_features(ctx.backbone, StaClips(ctx.data_root, val_items, frames, stride, resolution),
-                              ctx.layers, desc=f"{self.name} val", key_parts={
-                                  **key, "dataset": sta_fingerprint(ctx.data_root, val_ann), "n": len(val_items)},
-                              **common)
-        t1 = time.perf_counter()
-        grid = mc.grid if resolution == mc.resolution else resolution // mc.patch_size
-        keep_tr = np.flatnonzero(tr.valid)
-        keep_va = np.flatnonzero(va.valid)
-        targets = sta_targets([train_items[i]["objects"] for i in keep_tr],
-                              [frame_size(train_ann, train_items[i]) for i in keep_tr], (grid, grid),
-                              num_nouns, num_verbs)
-        val_sizes = [frame_size(val_ann, val_items[i]) for i in keep_va]
-        scored = [val_items[i] for i in keep_va]
+        self._grid = mc.grid if inputs["resolution"] == mc.resolution else inputs["resolution"] // mc.patch_size
+        ev = super().evaluate(ctx, inputs, spec)
+        ev.extra.pop("feature_cache", None)
+        return ev
+
+    def score(self, ctx, results, val, val_data) -> list[LayerRow]:
+        from totobench.metrics.ego4d_sta import sta_top5_map
+        from totobench.probes.sta_head import decode_sta
         rows = []
-        for layer in ctx.layers:
-            x_tr = torch.from_numpy(np.asarray(tr.feats[layer])[keep_tr].astype(np.float32)).reshape(len(keep_tr), grid, grid, -1)
-            x_va = torch.from_numpy(np.asarray(va.feats[layer])[keep_va].astype(np.float32)).reshape(len(keep_va), grid, grid, -1)
-            model = train_sta_head(x_tr, targets, num_nouns, num_verbs, epochs=head["epochs"], lr=head["lr"],
-                                   seed=ctx.seed, batch_size=head["batch_size"],
-                                   weight_decay=head["weight_decay"], hidden=head["hidden"])
-            with torch.no_grad():
-                detections = decode_sta(model(x_va), val_sizes, topk=head["topk"])
-            results = {a["uid"]: d for a, d in zip(scored, detections)}
-            results.update({a["uid"]: [] for a in val_items if a["uid"] not in results})
-            predictions = {"version": "1.0", "challenge": "ego4d_short_term_object_interaction_anticipation",
-                           "results": results}
-            out = ctx.artifacts_dir / f"layer_{layer:02d}" / "predictions.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(predictions))
-            metrics = sta_top5_map([a for a in val_items if a["objects"]], predictions)
+        scored, all_items = val_data.targets["items"], val.info["items"]
+        for layer, result in sorted(results.items()):
+            detections = decode_sta(result.outputs, val_data.targets["sizes"], topk=self.cfg.probe.topk)
+            predictions = {a["uid"]: d for a, d in zip(scored, detections)}
+            predictions.update({a["uid"]: [] for a in all_items if a["uid"] not in predictions})
+            document = {"version": "1.0", "challenge": "ego4d_short_term_object_interaction_anticipation",
+                        "results": predictions}
+            atomic_write(ctx.artifacts_dir / f"layer_{layer:02d}" / "predictions.json", json.dumps(document))
+            metrics = sta_top5_map([a for a in all_items if a["objects"]], document)
             # NaN = no frame had a detection at all; that is a score of 0, and JSON has no NaN
-            metrics = {k: 0.0 if v != v else v for k, v in metrics.items()}
-            rows.append(LayerRow(layer=layer, metrics=metrics))
-        t2 = time.perf_counter()
-        protocol = {"probe": "sta_head", "grid": {}, "settings": head, "frames": frames, "stride": stride,
-                    "resolution": resolution, "selection_split": "none (fixed hyper-parameters)",
-                    "report_split": ds.get("val_split", "val"), "seed": ctx.seed,
-                    "num_train": len(keep_tr), "num_val": len(keep_va),
-                    "num_nouns": num_nouns, "num_verbs": num_verbs}
-        skipped = {"train": sorted({p for p, _ in tr.skipped}), "val": sorted({p for p, _ in va.skipped})}
-        return TaskOutput(per_layer=rows, protocol=protocol,
-                          dataset_fingerprint=sta_fingerprint(ctx.data_root, val_ann),
-                          extra={"skipped_uids": skipped}, timing_s={"extract": t1 - t0, "probe": t2 - t1})
+            rows.append(LayerRow(layer=layer, metrics={k: 0.0 if v != v else v for k, v in metrics.items()}))
+        return rows
+
+    def facts(self, train, val, train_data, val_data) -> dict:
+        num_nouns, num_verbs = train_data.num_classes
+        return {"num_train": len(next(iter(train_data.feats.values()))),
+                "num_val": len(val_data.targets["items"]), "num_nouns": num_nouns, "num_verbs": num_verbs}
+
+    def fingerprint(self, train: Split, val: Split) -> str:
+        return val.key["dataset"]
+
+    def skipped(self, ctx, train, val, tr, va) -> dict:
+        return {"skipped_uids": {"train": sorted({p for p, _ in tr.skipped}), "val": sorted({p for p, _ in va.skipped})}}

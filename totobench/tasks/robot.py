@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from totobench.errors import ConfigError
-from totobench.features.extract import extract_features, progress_bar
-from totobench.tasks.base import LayerRow, RunContext, Task, TaskOutput, register_task
-
-DEFAULTS = {"demos": 25, "rollouts": 5, "episode_length": 40, "action_repeat": 3, "camera": "corner3",
-            "context_frames": 3}
+from totobench.features.extract import extract_features
+from totobench.probes.base import POLICY, ProbeData
+from totobench.progress import progress_bar
+from totobench.tasks.base import DatasetSpec, Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Task
 MAX_POOL = 10     # simulators (each with a GL context) stepped in lockstep; more seeds take turns
 
 
@@ -113,142 +113,163 @@ def run_rollouts(envs, seeds: list[int], policy, featurize, context: int, episod
     return {"success": success, "steps": steps, "decisions": int(sum(steps))}
 
 
-@register_task("robot_bc")
+@dataclass(frozen=True)
+class RobotDataset(DatasetSpec):
+    """`dataset:` the MetaWorld tasks and how demonstrations and rollouts are made."""
+    format: str = "metaworld"
+    env: tuple[str, ...] = field(default=("drawer-open", "button-press-topdown", "pick-place"),
+                                 metadata={"nonempty": True})
+    demos: int = field(default=25, metadata={"min": 1})             # expert demonstrations per task
+    rollouts: int = field(default=5, metadata={"min": 1})           # seeded evaluation episodes per task and layer
+    episode_length: int = field(default=40, metadata={"min": 1})    # policy decisions per episode
+    action_repeat: int = field(default=3, metadata={"min": 1})      # physics steps per decision
+    camera: str = "corner3"
+
+
+@dataclass(frozen=True)
+class RobotInput(InputSpec):
+    context_frames: int = field(default=3, metadata={"min": 1})     # pooled features of the last frames, concatenated
+
+
+@dataclass(frozen=True)
+class RobotQuick(QuickSpec):
+    demos: int = field(default=5, metadata={"min": 1})
+    rollouts: int = field(default=1, metadata={"min": 1})
+    episode_length: int = field(default=10, metadata={"min": 1})
+
+
 class RobotBC(Task):
+    kind = "robot_bc"
+    Dataset = RobotDataset
+    Input = RobotInput
+    Quick = RobotQuick
+    consumes = POLICY
+    default_probe = "bc_mlp"
+
+    @classmethod
+    def metric_names(cls, cfg) -> tuple[str, ...]:
+        return ("success",) + tuple(f"success/{env}" for env in cfg.dataset.env)
+
+    @property
+    def report_split(self) -> str:
+        return "seeded rollouts (scenes not in demos)"
+
+    def resolve_input(self, backbone) -> dict:
+        inputs = super().resolve_input(backbone)
+        if inputs["resolution"] != backbone.config.resolution:
+            raise ConfigError(f"{self.cfg.path}: input.resolution must be null or the model's resolution "
+                              f"{backbone.config.resolution}, got {inputs['resolution']}")
+        return inputs
 
     def _settings(self, ctx: RunContext) -> dict:
-        """The run's settings: YAML values, --quick limits applied; ConfigError naming the key."""
-        from totobench.probes.bc_policy import BC_DEFAULTS
-        where = self.cfg.get("_path", self.name)
-        ds, inp = self.cfg["dataset"], self.cfg.get("input", {})
-        envs = ds.get("env") or []
-        envs = [envs] if isinstance(envs, str) else list(envs)
-        if not envs:
-            raise ConfigError(f"{where}: 'dataset.env' must list MetaWorld tasks, e.g. [drawer-open]")
-        s = {key: ds.get(key, DEFAULTS[key]) for key in ("demos", "rollouts", "episode_length", "action_repeat", "camera")}
-        s["context_frames"] = inp.get("context_frames") or DEFAULTS["context_frames"]
-        for key in ("demos", "rollouts", "episode_length", "action_repeat", "context_frames"):
-            if not isinstance(s[key], int) or isinstance(s[key], bool) or s[key] < 1:
-                section = "input" if key == "context_frames" else "dataset"
-                raise ConfigError(f"{where}: '{section}.{key}' must be a positive integer, got {s[key]!r}")
-        s["demo_length"] = s["episode_length"]   # demos keep the full length (quick shortens rollouts only)
+        """The dataset settings with --quick limits applied (demos keep their full length)."""
+        ds = self.cfg.dataset
+        s = {key: getattr(ds, key) for key in ("demos", "rollouts", "episode_length", "action_repeat", "camera")}
+        s["demo_length"] = s["episode_length"]
         for key in ("demos", "rollouts", "episode_length"):
             limit = self.quick_limit(key, ctx.quick)
             if limit is not None:
-                s[key] = min(s[key], int(limit))
-        r = ctx.backbone.config.resolution
-        if inp.get("resolution") not in (None, r):
-            raise ConfigError(f"{where}: 'input.resolution' must be null or the model's resolution {r}, "
-                              f"got {inp['resolution']}")
-        if inp.get("kind", "image") != "image":
-            raise ConfigError(f"{where}: 'input.kind' must be image for robot_bc "
-                              f"(each frame is encoded once and its features reused)")
-        probe = {k: v for k, v in self.cfg.get("probe", {}).items() if k != "name"}
-        unknown = sorted(set(probe) - set(BC_DEFAULTS))
-        if unknown:
-            raise ConfigError(f"{where}: unknown key 'probe.{unknown[0]}' (expected: name, {', '.join(BC_DEFAULTS)})")
-        probe = {**BC_DEFAULTS, **probe}
-        epochs = self.quick_limit("epochs", ctx.quick)
-        if epochs is not None:
-            probe["epochs"] = min(int(probe["epochs"]), int(epochs))
-        probe["hidden"] = tuple(int(h) for h in probe["hidden"])
-        return {"envs": envs, "resolution": r, "probe": probe, **s}
+                s[key] = min(s[key], limit)
+        return s
 
-    def run(self, ctx: RunContext) -> TaskOutput:
+    def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
         with single_thread():
-            return self._run(ctx)
+            return self._evaluate(ctx, inputs, spec)
 
-    def _run(self, ctx: RunContext) -> TaskOutput:
-        from totobench.data.robot import (RobotEnv, demos_fingerprint, load_or_record_demos,
-                                          metaworld_name, rollout_seed, short_name)
-        from totobench.probes.bc_policy import train_bc_policy
-        s = self._settings(ctx)
-        envs = [short_name(metaworld_name(e)) for e in s["envs"]]
-        timing = {"demos": 0.0, "demo_features": 0.0, "train": 0.0, "env_setup": 0.0, "rollout": 0.0}
-        rollout_cpu = 0.0
-        cpu0 = time.process_time()
-        decisions = 0
-        per_env: dict[str, dict] = {}
-        rates: dict[int, dict[str, float]] = {layer: {} for layer in ctx.layers}
-        all_demos = {}
+    def _evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
+        from totobench.data.robot import demos_fingerprint, metaworld_name, rollout_seed, short_name
+        s = {**self._settings(ctx), "resolution": inputs["resolution"], "context": inputs["context_frames"]}
+        envs = [short_name(metaworld_name(e)) for e in self.cfg.dataset.env]
         seeds = [rollout_seed(ctx.seed, j) for j in range(s["rollouts"])]
-        context = s["context_frames"]
-
+        run = RolloutLog(ctx.layers)
+        all_demos = {}
         with progress_bar(ctx.console) as progress:
             for name in envs:
-                t0 = time.perf_counter()
-                job = progress.add_task(f"{name} demos", total=s["demos"], rate="")
-                demos, path = load_or_record_demos(
-                    ctx.data_root, name, s["demos"], s["resolution"], ctx.seed, s["demo_length"],
-                    s["action_repeat"], s["camera"], on_episode=lambda: progress.update(job, advance=1))
-                progress.update(job, completed=s["demos"])
-                all_demos[name] = demos
-                t1 = time.perf_counter()
-                lengths = demos["length"]
-                valid = np.concatenate([demos["frames"][e, :n] for e, n in enumerate(lengths)])
-                cached = extract_features(
-                    ctx.backbone, DemoFrames(valid), ctx.layers, kind="image", pooling="mean", cache=ctx.cache,
-                    key_parts={"transform": f"robot-demo-frames-{s['resolution']}", "task": name,
-                               "dataset": demos_fingerprint({name: demos})},
-                    batch_size=ctx.batch_size, device=ctx.device, console=None, desc=f"{name} demo features")
-                feats = [np.asarray(cached.feats[layer], dtype=np.float32) for layer in ctx.layers]
-                t2 = time.perf_counter()
-                actions = np.concatenate([demos["actions"][e, :n] for e, n in enumerate(lengths)])
-                proprio = np.concatenate([demos["proprio"][e, :n] for e, n in enumerate(lengths)])
-                pool = [RobotEnv(name, s["resolution"], s["camera"], s["action_repeat"])
-                        for _ in range(min(len(seeds), MAX_POOL))]
-                t3 = time.perf_counter()
-                timing["demos"] += t1 - t0
-                timing["demo_features"] += t2 - t1
-                timing["env_setup"] += t3 - t2
-                per_env[name] = {"demos_file": str(path), "num_demos": int(len(lengths)),
-                                 "demo_steps": int(lengths.sum()), "rollout_seeds": seeds, "layers": {}}
-                job = progress.add_task(f"{name} rollouts", total=len(ctx.layers) * len(seeds), rate="")
-                try:
-                    for li, layer in enumerate(ctx.layers):
-                        t0 = time.perf_counter()
-                        x = np.concatenate([stack_context(feats[li], lengths, context), proprio], axis=1)
-                        policy, fit = train_bc_policy(x, actions, seed=ctx.seed, **s["probe"])
-                        t1, c1 = time.perf_counter(), time.process_time()
-
-                        def featurize(frames, layer=layer):
-                            return pooled_features(ctx.backbone, frames, [layer], ctx.batch_size, ctx.device)[0]
-
-                        res = run_rollouts(pool, seeds, policy, featurize, context, s["episode_length"])
-                        t2, c2 = time.perf_counter(), time.process_time()
-                        timing["train"] += t1 - t0
-                        timing["rollout"] += t2 - t1
-                        rollout_cpu += c2 - c1
-                        decisions += res["decisions"]
-                        rate = float(np.mean(res["success"]))
-                        rates[layer][name] = rate
-                        per_env[name]["layers"][str(layer)] = {
-                            "success": rate, "successes": res["success"], "steps": res["steps"],
-                            "train_mse": fit["train_mse"], "train_steps": fit["steps"]}
-                        progress.update(job, advance=len(seeds),
-                                        rate=f"{1e3 * (t2 - t1) / max(res['decisions'], 1):.0f} ms/step")
-                finally:
-                    for env in pool:
-                        env.close()
-
+                all_demos[name] = self._evaluate_env(ctx, name, s, spec, seeds, run, progress)
         rows = []
         for layer in ctx.layers:
-            metrics = {"success": float(np.mean([rates[layer][n] for n in envs]))}
-            metrics.update({f"success/{n}": rates[layer][n] for n in envs})
+            metrics = {"success": float(np.mean([run.rates[layer][n] for n in envs]))}
+            metrics.update({f"success/{n}": run.rates[layer][n] for n in envs})
             rows.append(LayerRow(layer=layer, metrics=metrics))
-        timing["rollout_step"] = timing["rollout"] / max(decisions, 1)
-        timing["rollout_step_cpu"] = rollout_cpu / max(decisions, 1)
-        timing["cpu"] = time.process_time() - cpu0
-        settings = {**s["probe"], "hidden": list(s["probe"]["hidden"])}
-        protocol = {"probe": "bc_mlp", "grid": {k: [v] for k, v in settings.items()}, "settings": settings,
-                    "envs": envs, "demos_per_env": s["demos"], "rollouts_per_env": s["rollouts"],
-                    "episode_length": s["episode_length"], "action_repeat": s["action_repeat"],
-                    "camera": s["camera"], "resolution": s["resolution"], "context_frames": context,
-                    "features": "per-frame image tokens, mean-pooled, last context_frames concatenated + proprio (hand xyz, gripper)",
-                    "selection_split": "none (fixed BC settings)", "report_split": "seeded rollouts (scenes not in demos)",
-                    "seed": ctx.seed, "rollout_decisions": decisions}
-        return TaskOutput(per_layer=rows, protocol=protocol, dataset_fingerprint=demos_fingerprint(all_demos),
-                          extra={"per_env": per_env}, timing_s=timing)
+        facts = {"envs": envs, "demos_per_env": s["demos"], "rollouts_per_env": s["rollouts"],
+                 "episode_length": s["episode_length"], "action_repeat": s["action_repeat"], "camera": s["camera"],
+                 "features": "per-frame image tokens, mean-pooled, last context_frames concatenated + proprio "
+                             "(hand xyz, gripper)", "rollout_decisions": run.decisions}
+        return Evaluation(rows=rows, fingerprint=demos_fingerprint(all_demos), facts=facts,
+                          extra={"per_env": run.per_env}, timing=run.timing())
+
+    def _evaluate_env(self, ctx: RunContext, name: str, s: dict, spec, seeds: list[int], run: "RolloutLog",
+                      progress) -> dict:
+        """Demos, their features, a policy per layer and its rollouts for one MetaWorld task."""
+        from totobench.data.robot import RobotEnv, demos_fingerprint, load_or_record_demos
+        t0 = time.perf_counter()
+        job = progress.add_task(f"{name} demos", total=s["demos"], rate="")
+        demos, path = load_or_record_demos(
+            ctx.data_root, name, s["demos"], s["resolution"], ctx.seed, s["demo_length"],
+            s["action_repeat"], s["camera"], on_episode=lambda: progress.update(job, advance=1))
+        progress.update(job, completed=s["demos"])
+        t1 = time.perf_counter()
+        lengths = demos["length"]
+        frames = np.concatenate([demos["frames"][e, :n] for e, n in enumerate(lengths)])
+        cached = extract_features(
+            ctx.backbone, DemoFrames(frames), ctx.layers, kind="image", pooling=spec.pooling, cache=ctx.cache,
+            key_parts={"transform": f"robot-demo-frames-{s['resolution']}", "task": name,
+                       "dataset": demos_fingerprint({name: demos})},
+            batch_size=ctx.batch_size, device=ctx.device, console=None, desc=f"{name} demo features")
+        t2 = time.perf_counter()
+        actions = np.concatenate([demos["actions"][e, :n] for e, n in enumerate(lengths)])
+        proprio = np.concatenate([demos["proprio"][e, :n] for e, n in enumerate(lengths)])
+        inputs = {layer: np.concatenate([stack_context(np.asarray(cached.feats[layer], dtype=np.float32), lengths,
+                                                       s["context"]), proprio], axis=1) for layer in ctx.layers}
+        policies = self.probe.fit(ProbeData(feats=inputs, targets=actions), None, spec, self.probe_context(ctx))
+        t3 = time.perf_counter()
+        pool = [RobotEnv(name, s["resolution"], s["camera"], s["action_repeat"]) for _ in range(min(len(seeds), MAX_POOL))]
+        run.add_time(demos=t1 - t0, demo_features=t2 - t1, train=t3 - t2, env_setup=time.perf_counter() - t3)
+        run.per_env[name] = {"demos_file": str(path), "num_demos": int(len(lengths)),
+                             "demo_steps": int(lengths.sum()), "rollout_seeds": seeds, "layers": {}}
+        job = progress.add_task(f"{name} rollouts", total=len(ctx.layers) * len(seeds), rate="")
+        try:
+            for layer in ctx.layers:
+                def featurize(frames, layer=layer):
+                    return pooled_features(ctx.backbone, frames, [layer], ctx.batch_size, ctx.device)[0]
+                t0, c0 = time.perf_counter(), time.process_time()
+                res = run_rollouts(pool, seeds, policies[layer].outputs, featurize, s["context"], s["episode_length"])
+                seconds = time.perf_counter() - t0
+                run.add_rollouts(name, layer, res, policies[layer].facts, seconds, time.process_time() - c0)
+                progress.update(job, advance=len(seeds), rate=f"{1e3 * seconds / max(res['decisions'], 1):.0f} ms/step")
+        finally:
+            for env in pool:
+                env.close()
+        return demos
+
+
+class RolloutLog:
+    """Success rates, per-episode records and timings of a robot run."""
+
+    def __init__(self, layers: list[int]):
+        self.rates: dict[int, dict[str, float]] = {layer: {} for layer in layers}
+        self.per_env: dict[str, dict] = {}
+        self.decisions = 0
+        self.rollout_cpu = 0.0
+        self.cpu0 = time.process_time()
+        self.seconds = {"demos": 0.0, "demo_features": 0.0, "train": 0.0, "env_setup": 0.0, "rollout": 0.0}
+
+    def add_time(self, **seconds: float) -> None:
+        for key, value in seconds.items():
+            self.seconds[key] += value
+
+    def add_rollouts(self, env: str, layer: int, res: dict, fit: dict, seconds: float, cpu: float) -> None:
+        rate = float(np.mean(res["success"]))
+        self.rates[layer][env] = rate
+        self.per_env[env]["layers"][str(layer)] = {"success": rate, "successes": res["success"], "steps": res["steps"],
+                                                   "train_mse": fit["train_mse"], "train_steps": fit["train_steps"]}
+        self.decisions += res["decisions"]
+        self.seconds["rollout"] += seconds
+        self.rollout_cpu += cpu
+
+    def timing(self) -> dict[str, float]:
+        return {**self.seconds, "rollout_step": self.seconds["rollout"] / max(self.decisions, 1),
+                "rollout_step_cpu": self.rollout_cpu / max(self.decisions, 1), "cpu": time.process_time() - self.cpu0}
 
 
 @contextmanager

@@ -1,23 +1,30 @@
-"""Named backbones: what `--model NAME|PATH` resolves to, loaded and ready to give features.
+"""Backbones: what `--model SPEC` resolves to, loaded and ready to give features.
 
     backbone = load_backbone("toto-tiny")              # checkpoints/toto-tiny
     backbone = load_backbone("random-init:toto-tiny")  # same config + tokenizer, seed-0 random weights
     backbone = load_backbone("/path/to/checkpoint")    # any checkpoint folder
     feats = backbone.forward_frames(frames, layers=[0, -1], kind="video")   # 2 x [B, T, h*w, D]
+
+A SPEC is "FAMILY:REST" when FAMILY is a model family of `totobench.registry.MODELS`, else a
+bundled name or a checkpoint folder (family "checkpoint"). Each family is a loader
+`load(rest, device) -> Backbone`; the two of this module are registered there.
 """
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from totobench.errors import CheckpointError, ConfigError, DataError
-from totobench.model.checkpoint import (load_checkpoint, load_tokenizer, read_config, sha256_bytes,
-                                         weights_bytes)
-from totobench.model.toto import Toto, TotoConfig
+from totobench.model.checkpoint import (load_tokenizer, read_config, read_training, read_weights,
+                                         sha256_bytes, weights_bytes)
+from totobench.model.config import TotoConfig
+from totobench.model.tokenizer import VisualTokenizer
+from totobench.model.toto import Toto
 from totobench.paths import checkpoints_dir
+from totobench.registry import MODELS, did_you_mean
 
 RANDOM_INIT = "random-init:"
 BUNDLED = ("toto-tiny",)          # names that always resolve to checkpoints/<name>
@@ -28,7 +35,7 @@ ENCODE_BATCH = 256                # frames per tokenizer call, to bound the conv
 class Backbone:
     name: str
     model: Toto
-    tokenizer: "VisualTokenizer"  # noqa: F821 (totobench.model.tokenizer)
+    tokenizer: VisualTokenizer
     sha256: str
     path: Path | None
     tokenizer_sha256: str = ""
@@ -113,9 +120,17 @@ def list_models() -> list[str]:
     return names + [RANDOM_INIT + n for n in names]
 
 
+def split_spec(spec: str) -> tuple[str, str]:
+    """`FAMILY:REST` -> (FAMILY, REST) when FAMILY is registered in MODELS, else ("checkpoint", spec)."""
+    family, sep, rest = spec.partition(":")
+    if sep and family in MODELS:
+        return family, rest
+    return "checkpoint", spec
+
+
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A registered name or a checkpoint folder path -> the folder.
-    Raises ConfigError with close matches for an unknown name, CheckpointError if a registered
+    Raises ConfigError with the closest name for an unknown one, CheckpointError if a registered
     checkpoint has not been produced yet."""
     registered = [n for n in list_models() if not n.startswith(RANDOM_INIT)]
     if name_or_path in registered:
@@ -129,44 +144,66 @@ def resolve_checkpoint(name_or_path: str) -> Path:
         return path
     if path.exists():
         raise ConfigError(f"model {name_or_path!r} is a file; expected a checkpoint folder or a registered name")
-    close = difflib.get_close_matches(name_or_path, list_models(), n=3, cutoff=0.5)
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    raise ConfigError(f"unknown model {name_or_path!r}{hint} (registered: {', '.join(list_models())}; "
-                      f"or give a checkpoint folder)")
+    family, sep, _ = name_or_path.partition(":")
+    if sep and "/" not in family:
+        raise ConfigError(f"unknown model family {family!r} in {name_or_path!r}{did_you_mean(family, MODELS.names())}")
+    raise ConfigError(f"unknown model {name_or_path!r}{did_you_mean(name_or_path, list_models())} "
+                      f"(or give a checkpoint folder)")
 
 
-def _random_init(config: TotoConfig) -> Toto:
-    """Toto with weights from torch.manual_seed(0)."""
-    torch.manual_seed(0)
-    return Toto(config)
-
-
-def load_backbone(name_or_path: str, device: str = "cpu") -> Backbone:
-    """A frozen (eval, no grad) backbone with its tokenizer. `name_or_path`: a registered name
-    (see list_models()), "random-init:<name or path>", or a checkpoint folder.
-    Raises ConfigError for an unknown name, CheckpointError for a bad or tokenizer-less folder."""
+def load_backbone(spec: str, device: str = "cpu") -> Backbone:
+    """A frozen (eval, no grad) backbone with its tokenizer. `spec`: "FAMILY:REST" for a family
+    registered in MODELS (e.g. "random-init:toto-tiny"), a registered name (see list_models()) or a
+    checkpoint folder. Raises ConfigError for an unknown name, CheckpointError for a bad folder."""
+    family, rest = split_spec(spec)
+    load = MODELS.get(family)
     with torch.random.fork_rng(devices=[]):   # building modules draws random numbers: not the caller's
-        return _load_backbone(name_or_path, device)
+        return load(rest, device)
 
 
-def _load_backbone(name_or_path: str, device: str) -> Backbone:
-    random_init = name_or_path.startswith(RANDOM_INIT)
-    path = resolve_checkpoint(name_or_path.removeprefix(RANDOM_INIT))
-    if random_init:
-        config = read_config(path)
-        model = _random_init(config)
-        tokenizer = load_tokenizer(path, config, device)
-        sha = sha256_bytes(weights_bytes(model))
-    else:
-        model, tokenizer, sha, _ = load_checkpoint(path, device)
+def load_checkpoint(directory, device: str = "cpu") -> tuple[Toto, VisualTokenizer | None, str, dict]:
+    """A checkpoint folder -> (Toto in eval mode, its tokenizer or None, sha256 of model.safetensors,
+    training.json as a dict). Raises CheckpointError naming the file for anything missing, corrupt
+    or mismatched."""
+    config = read_config(directory)
+    model = Toto(config)
+    weights, sha = read_weights(directory, model.state_dict())
+    model.load_state_dict(weights)
+    return model.to(device).eval(), load_tokenizer(directory, config, device), sha, read_training(directory)
+
+
+def load_checkpoint_backbone(name_or_path: str, device: str) -> Backbone:
+    """Family "checkpoint": a registered name or a checkpoint folder, as trained."""
+    path = resolve_checkpoint(name_or_path)
+    model, tokenizer, sha, _ = load_checkpoint(path, device)
+    return _frozen(_name(name_or_path, path), model, tokenizer, path, sha, device)
+
+
+def load_random_init_backbone(name_or_path: str, device: str) -> Backbone:
+    """Family "random-init": the config and tokenizer of a checkpoint, weights from torch.manual_seed(0)."""
+    path = resolve_checkpoint(name_or_path)
+    config = read_config(path)
+    torch.manual_seed(0)
+    model = Toto(config)
+    tokenizer = load_tokenizer(path, config, device)
+    sha = sha256_bytes(weights_bytes(model.state_dict()))
+    return _frozen(RANDOM_INIT + _name(name_or_path, path), model, tokenizer, path, sha, device, random_init=True)
+
+
+def _name(name_or_path: str, path: Path) -> str:
+    # a folder given by path is named after the folder, so result paths stay short
+    return name_or_path if name_or_path in list_models() else path.name
+
+
+def _frozen(name: str, model: Toto, tokenizer: VisualTokenizer | None, path: Path, sha: str, device: str,
+            random_init: bool = False) -> Backbone:
+    """The Backbone of `model` and the tokenizer of checkpoint `path`, on `device`, in eval mode,
+    without gradients. Raises CheckpointError when the checkpoint has no tokenizer."""
     if tokenizer is None:
         raise CheckpointError(f"{path / 'tokenizer'}: missing (a backbone needs the visual tokenizer: "
                               f"tokenizer/config.json and tokenizer/model.safetensors)")
     model = model.to(device).eval().requires_grad_(False)
     tokenizer = tokenizer.to(device).eval().requires_grad_(False)
-    # a folder given by path is named after the folder, so result paths stay short
-    base = name_or_path.removeprefix(RANDOM_INIT)
-    name = (RANDOM_INIT if random_init else "") + (base if base in list_models() else path.name)
-    tokenizer_sha = sha256_bytes(weights_bytes(tokenizer))
-    return Backbone(name=name, model=model, tokenizer=tokenizer, sha256=sha, tokenizer_sha256=tokenizer_sha,
+    return Backbone(name=name, model=model, tokenizer=tokenizer, sha256=sha,
+                    tokenizer_sha256=sha256_bytes(weights_bytes(tokenizer.state_dict())),
                     path=None if random_init else path)

@@ -1,0 +1,120 @@
+"""The probe contract: a typed spec, one entry point, registered once in `totobench.registry.PROBES`.
+
+    probe = PROBES.get(spec.name)()                       # e.g. LinearProbe
+    results = probe.fit(train, val, spec, ctx)            # {layer: LayerResult}
+
+A probe reads frozen features of every requested layer (`ProbeData.feats`: layer -> rows, numpy
+memmaps or tensors) and the task's targets, trains what it trains (or nothing: kNN, label
+propagation) and returns, per layer, what the task scores: `LayerResult.outputs` (class scores,
+detections, soft masks or a policy: the kind is the probe's `produces`) and, where the probe
+selects hyper-parameters itself, its metrics on val, the chosen setting and its selection score.
+
+A task declares the kind of output it consumes; the task config is rejected before any work when
+its probe produces another kind. Tasks never switch on probe names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import numpy as np
+import torch
+
+from totobench.settings import Settings
+
+# What a probe gives the task to score (a task consumes exactly one kind).
+CLASS_SCORES = "class scores"          # [M, C] logits or scores of the val rows
+STA_OUTPUTS = "STA head outputs"       # per-cell objectness, boxes, noun, verb, time to contact
+SOFT_MASKS = "soft masks"              # [T, K+1, h, w] label maps of a video
+POLICY = "policy"                      # an object with act(features) -> actions
+
+
+@dataclass(frozen=True)
+class ProbeSpec(Settings):
+    """Settings every probe has: its registered name and how tokens are pooled before it."""
+    name: str = ""
+    pooling: str = "mean"
+
+    def check(self, where: str) -> None:
+        from totobench.errors import ConfigError
+        valid = self.pooling in ("mean", "tokens", "last_frame") or (
+            self.pooling.startswith("tokens_pool") and self.pooling[len("tokens_pool"):].isdigit()
+            and int(self.pooling[len("tokens_pool"):]) >= 1)
+        if not valid:
+            raise ConfigError(f"{where}.pooling: expected mean, tokens, tokens_pool<k> or last_frame, "
+                              f"got {self.pooling!r}")
+
+    @property
+    def grid(self) -> dict[str, list]:
+        """The hyper-parameters searched (list-valued settings)."""
+        return {k: v for k, v in self.as_dict().items() if isinstance(v, list) and k in self.searched}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every other setting."""
+        grid = self.grid
+        return {k: v for k, v in self.as_dict().items() if k not in grid and k != "name"}
+
+    searched: ClassVar[tuple[str, ...]] = ()   # names of the fields that are grids
+
+
+@dataclass
+class ProbeData:
+    """One split as a probe sees it: features of every layer and the task's targets."""
+    feats: Mapping[int, Any]                      # layer -> rows [N, ...] (memmap, array or tensor)
+    labels: np.ndarray | None = None              # [N] class ids (classification probes)
+    num_classes: int | None = None
+    targets: Any = None                           # task-specific targets (STA boxes, first masks, actions)
+    token_grid: tuple[int, ...] | None = None     # (frames, rows, cols) of each row's tokens
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.feats)
+
+
+@dataclass
+class ProbeContext:
+    """What a probe may use besides the data: where to run, its seed, where to keep resume state."""
+    device: torch.device
+    seed: int = 0
+    state_dir: Path | None = None     # per-epoch state of resumable probes; None: not resumable
+    run_key: str = ""                 # identifies the features (model, layers, split sizes) for state files
+    keep_outputs: bool = False        # classification probes: also return val scores
+
+
+@dataclass
+class LayerResult:
+    metrics: dict[str, float] = field(default_factory=dict)    # on val, where the probe scores itself
+    best_hparams: dict[str, Any] = field(default_factory=dict)
+    select_score: float | None = None
+    outputs: Any = None                                         # what the task scores (see `produces`)
+    facts: dict[str, Any] = field(default_factory=dict)         # side facts worth recording (e.g. train loss)
+
+
+class Probe:
+    """Base class. Subclasses set `Spec`, `produces` and implement `fit`."""
+    Spec: ClassVar[type[ProbeSpec]] = ProbeSpec
+    produces: ClassVar[str] = CLASS_SCORES
+    selection: ClassVar[str] = "none (fixed hyper-parameters)"   # which split chooses hyper-parameters
+
+    def fit(self, train: ProbeData | None, val: ProbeData, spec: ProbeSpec,
+            ctx: ProbeContext) -> dict[int, LayerResult]:
+        raise NotImplementedError
+
+    def selection_split(self, spec: ProbeSpec) -> str:
+        holdout = getattr(spec, "holdout", None)
+        return f"train-holdout-{int(holdout * 100)}pct" if holdout is not None else self.selection
+
+
+def classification_results(out: dict[int, dict]) -> dict[int, LayerResult]:
+    """The {layer: {"metrics", "best_hparams", "select_score", "val_scores"}} dicts of the grid
+    functions as LayerResults."""
+    return {layer: LayerResult(metrics=r["metrics"], best_hparams=r.get("best_hparams", {}),
+                               select_score=r.get("select_score"), outputs=r.get("val_scores"))
+            for layer, r in sorted(out.items())}
+
+
+def labels_tensor(data: ProbeData) -> torch.Tensor:
+    return torch.from_numpy(np.array(data.labels))

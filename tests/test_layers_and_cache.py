@@ -70,3 +70,19 @@ def test_aborted_writer_leaves_nothing(tmp_path):
     w = cache.writer("k", (4, 2))
     w.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_writer_of_a_key_keeps_the_committed_entry_a_reader_may_have_mapped(tmp_path):
+    cache = FeatureCache(tmp_path)
+    first, second = cache.writer("k", (4, 2)), cache.writer("k", (4, 2))   # two processes, one chunk
+    first.write(0, np.ones((4, 2), np.float16))
+    second.write(0, np.full((4, 2), 2, np.float16))                         # e.g. other float rounding
+    mapped = first.commit()
+    np.testing.assert_array_equal(second.commit(), mapped)                  # the first one's entry
+    np.testing.assert_array_equal(cache.load("k"), np.ones((4, 2)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.json", "k.npy"]
+    cache.path("k").write_bytes(cache.path("k").read_bytes()[:-4])          # a corrupt entry is replaced
+    third = cache.writer("k", (4, 2))
+    third.write(0, np.full((4, 2), 3, np.float16))
+    third.commit()
+    np.testing.assert_array_equal(cache.load("k"), np.full((4, 2), 3))

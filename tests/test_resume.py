@@ -1,6 +1,8 @@
 """Killed runs resume: committed feature chunks and shards are reused (never a truncated one),
 a changed checkpoint or transform never reuses features, and a run SIGKILLed during extraction
-then started again writes the result an uninterrupted run writes."""
+then started again writes the result an uninterrupted run writes. Chunks another process is
+extracting are waited for (taken over when it died), and chunks it merged and dropped are taken
+from its merge, never reported missing or corrupt."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from totobench.cli import main
-from totobench.features.cache import FeatureCache
+from totobench.features.cache import FeatureCache, cache_key
 from totobench.features.extract import extract_features
 from totobench.model import load_backbone
 
@@ -103,8 +105,90 @@ def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
     unknown = tmp_path / f".a.npy.{host}-{dead.pid}.tmp"     # not a temp_path name: left alone
     for p in (mine, stale, other_host, unknown):
         p.write_bytes(b"x")
+    held = cache.lock("held")
+    assert held.try_acquire()
+    cache.root.joinpath(".dead.lock").write_text(json.dumps({"host": host, "pid": dead.pid, "token": "t"}))
     assert cache.remove_stale_temp() == [stale]
     assert mine.exists() and other_host.exists() and unknown.exists() and not stale.exists()
+    assert held.path.exists() and not cache.root.joinpath(".dead.lock").exists()   # a dead holder's lock goes
+    held.release()
+
+
+def _base(backbone) -> dict:
+    """The key parts `_extract` gives extract_features, completed as it completes them."""
+    return {"dataset": "frames", "transform": "t", "checkpoint": getattr(backbone, "features_id", backbone.sha256),
+            "pooling": "mean"}
+
+
+@pytest.mark.parametrize("other_layers", [[0, 3], [0]])
+def test_chunks_merged_and_dropped_by_another_process_are_taken_from_its_merge(backbone, tmp_path, monkeypatch,
+                                                                               other_layers):
+    """The race behind "feature chunk ... is corrupt" and FileNotFoundError: this process has extracted
+    its chunks when another one, extracting the same split (same or fewer layers), merges them and
+    drops the chunk entries; this process's merge then takes the other's merged entries."""
+    from totobench.features import extract
+    monkeypatch.setenv("TOTOBENCH_CHUNK_BATCHES", "1")
+    reference = _extract(backbone, FeatureCache(tmp_path / "ref"), Frames(16))
+    cache = FeatureCache(tmp_path / "cache")
+    merge = extract._assemble
+
+    def other_process_merges_first(*args, **kwargs):
+        monkeypatch.setattr(extract, "_assemble", merge)
+        _extract(backbone, cache, Frames(16), layers=other_layers)
+        return merge(*args, **kwargs)
+    monkeypatch.setattr(extract, "_assemble", other_process_merges_first)
+    got = _extract(backbone, cache, Frames(16))
+    for layer in (0, 3):
+        np.testing.assert_array_equal(got.feats[layer], reference.feats[layer])
+    np.testing.assert_array_equal(got.labels, reference.labels)
+    assert sorted(p.name[-4:] for p in cache.root.iterdir()) == [".npy"] * 3 + ["json"] * 4   # nothing left over
+
+
+def test_a_split_another_process_is_still_merging_is_waited_for(backbone, tmp_path, monkeypatch):
+    """Every layer's merged entry is there, not yet the skipped record: another process is merging."""
+    import threading
+    cache = FeatureCache(tmp_path)
+    first = _extract(backbone, cache, Frames(8))
+    meta_key = cache_key(**_base(backbone), what="labels-groups")
+    record = tmp_path / f"{meta_key}.record.json"
+    written = record.read_text()
+    record.unlink()
+    merger = cache.lock(meta_key)
+    assert merger.try_acquire()
+
+    def merged():
+        record.write_text(written)
+        merger.release()
+    threading.Timer(0.5, merged).start()
+    seen = _counting(backbone, monkeypatch)
+    again = _extract(backbone, cache, Frames(8))
+    assert seen == [] and record.read_text() == written                # waited for it, extracted nothing
+    np.testing.assert_array_equal(again.feats[3], first.feats[3])
+    np.testing.assert_array_equal(again.labels, first.labels)
+
+
+def test_a_chunk_another_process_extracts_is_waited_for_and_a_dead_ones_taken_over(backbone, tmp_path, monkeypatch):
+    import threading
+
+    from totobench.features.extract import _chunk_keys
+    from totobench.io import host_tag
+    monkeypatch.setenv("TOTOBENCH_CHUNK_BATCHES", "1")
+    reference = _extract(backbone, FeatureCache(tmp_path / "ref"), Frames(16))
+    cache = FeatureCache(tmp_path / "cache")
+    live = cache.lock(_chunk_keys(_base(backbone), [0, 3], (4, 8))[1])
+    assert live.try_acquire()                          # another process is extracting chunk [4, 8)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    cache.lock(_chunk_keys(_base(backbone), [0, 3], (8, 12))[1]).path.write_text(
+        json.dumps({"host": host_tag(), "pid": dead.pid, "token": "t"}))    # one killed while extracting [8, 12)
+    threading.Timer(1.0, live.release).start()         # it gives up (or is killed) one second later
+    seen = _counting(backbone, monkeypatch)
+    t0 = time.monotonic()
+    got = _extract(backbone, cache, Frames(16))
+    assert time.monotonic() - t0 >= 1.0 and sum(seen) == 16           # waited, then extracted [4, 8) itself
+    for layer in (0, 3):
+        np.testing.assert_array_equal(got.feats[layer], reference.feats[layer])
+    assert not list(cache.root.glob(".*")), "a lock or temporary file was left behind"
 
 
 def test_changed_checkpoint_or_transform_never_reuses_features(backbone, micro_checkpoint, tmp_path, monkeypatch):

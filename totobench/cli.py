@@ -35,6 +35,8 @@ def _add_run(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="recompute results that already exist in --out (default: skip them)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first unreadable image or video (default: skip it and list it in the result)")
     p.set_defaults(handler="totobench.commands.run:cli_run")
 
 
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     except TotobenchError as err:
         if args.debug:
             raise
-        print(f"totobench: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).splitlines())   # one line, whatever the message holds
+        print(f"totobench: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("totobench: interrupted", file=sys.stderr)

@@ -15,3 +15,10 @@ class ConfigError(TotobenchError):
 
 class CheckpointError(TotobenchError):
     """A checkpoint directory with missing, corrupt or mismatched files."""
+
+
+def shown(text: object) -> str:
+    """`text` as it may appear inside a one-line message: as is when it is printable on one line,
+    else quoted with its control characters escaped."""
+    text = str(text)
+    return text if text.isprintable() else repr(text)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from totobench.errors import ConfigError
+from totobench.errors import ConfigError, shown
 
 # Rank 0 may train probes for a long time while the others wait for the next job; a dead
 # peer is still noticed at once (its sockets close), so the wait itself may be long.
@@ -102,3 +103,16 @@ def barrier() -> None:
     """Wait for every rank (no-op outside torchrun)."""
     if _STATE.active:
         dist.barrier()
+
+
+def parse_device(text: str) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` -> a usable torch.device; ConfigError naming --device otherwise."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text.strip()):
+        raise ConfigError(f"--device {shown(text)}: expected cpu, cuda or cuda:N")
+    device = torch.device(text.strip())
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -21,7 +21,7 @@ from totobench.errors import ConfigError
 def did_you_mean(name: str, choices: Iterable[str], n: int = 1) -> str:
     """'; did you mean X?' for the closest of `choices` to `name`, else '; known: a, b, c'."""
     choices = sorted(set(choices))
-    close = difflib.get_close_matches(str(name), choices, n=n)
+    close = difflib.get_close_matches(str(name), choices, n=n) if isinstance(name, str) else []
     if close:
         return f"; did you mean {' or '.join(repr(c) for c in close)}?"
     return f"; known: {', '.join(choices)}" if choices else ""

@@ -16,13 +16,16 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from rich.console import Console
 
 from totobench import __version__, parallel
 from totobench.errors import ConfigError, TotobenchError
+from totobench.io import lock_beside
 from totobench.paths import cache_home
 from totobench.registry import TASKS
 from totobench.results.schema import build_result, load_result, result_path, safe_name, write_result_atomic
@@ -31,21 +34,30 @@ from totobench.tasks.config import FORMAT_FOLDERS, load_task_config, resolve_tas
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
-    """`all` | `START:STOP:STEP` | `i,j,-1` -> sorted unique non-negative layer indices.
+    """`all` | `START:STOP[:STEP]` (Python slice rules over 0..num_layers-1) | `i,j,-1` -> sorted
+    unique non-negative layer indices (a layer named twice is read once).
 
-    Raises ConfigError for an index outside [-num_layers, num_layers)."""
+    Raises ConfigError naming --layers for a malformed spec, a zero step, a range that selects no
+    layer, or an index outside [-num_layers, num_layers)."""
     spec = spec.strip()
+    usage = f"--layers {spec!r}: expected `all`, START:STOP:STEP (e.g. 0:8:2) or a list like 0,4,-1"
     if spec == "all":
         return list(range(num_layers))
     try:
         if ":" in spec:
             parts = [int(p) if p.strip() else None for p in spec.split(":")]
             if len(parts) > 3:
-                raise ValueError
-            return sorted(set(range(num_layers)[slice(*parts)]))
+                raise ConfigError(usage)
+            if len(parts) == 3 and parts[2] == 0:
+                raise ConfigError(f"--layers {spec!r}: the step must not be 0")
+            layers = sorted(set(range(num_layers)[slice(*parts)]))
+            if not layers:
+                raise ConfigError(f"--layers {spec!r}: the range selects no layer of a model with {num_layers} "
+                                  f"layers (0..{num_layers - 1})")
+            return layers
         raw = [int(p) for p in spec.split(",") if p.strip()]
     except ValueError:
-        raise ConfigError(f"--layers {spec!r}: expected `all`, START:STOP:STEP or a list like 0,4,-1") from None
+        raise ConfigError(usage) from None
     if not raw:
         raise ConfigError(f"--layers {spec!r}: no layer given")
     out = set()
@@ -111,9 +123,7 @@ def run_command(args) -> int:
     from totobench.features import distributed
 
     console = Console(stderr=False)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here")
+    device = parallel.parse_device(args.device)
     rank_info, device = parallel.init_from_env(device)  # under torchrun: join the group
     if not rank_info.is_main:
         return _serve_as_worker(args, device)
@@ -154,6 +164,9 @@ def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> i
     from totobench.model import load_backbone
 
     configs = [load_task_config(name, args.overrides) for name in resolve_task_names(args.tasks)]  # fail fast
+    for cfg in configs:   # a dataset root the user named must exist before any work (the data world is made later)
+        if cfg.dataset.root or args.data_root or os.environ.get("TOTOBENCH_DATA_ROOT"):
+            resolve_data_root(cfg, args.data_root)
     out_dir = Path(args.out)
     _check_writable(out_dir)
     t_load = time.perf_counter()
@@ -167,21 +180,52 @@ def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> i
         parallel.broadcast_object(tmp_cache.name if tmp_cache else None)  # pairs with the workers' handshake
         workers["serving"] = True
     cache = FeatureCache(Path(tmp_cache.name) if tmp_cache else cache_home())
-    written = []
+    started = time.time()
+    written = {}
     try:
-        for cfg in configs:
-            path = result_path(out_dir, backbone.name, cfg.name)
-            done = None if args.overwrite else _finished(path, layers, backbone, cfg, args.quick)
-            if done is not None:
-                console.print(f"[dim]{cfg.name}: result exists at {path}, skipped (use --overwrite to redo)[/]")
-                written.append(done)
-                continue
-            written.append(_run_one(args, cfg, backbone, layers, device, cache, console, path, load_s))
+        pending, wait = configs, False
+        while pending:  # first the tasks no other process is running, then wait for the others' results
+            for cfg in pending:
+                path = result_path(out_dir, backbone.name, cfg.name)
+                with _result_lock(path, cfg.name, console, wait) as mine:
+                    if not mine:
+                        continue
+                    done = _finished(path, layers, backbone, cfg, args.quick,
+                                     newer_than=started if args.overwrite else None)
+                    if done is None:
+                        done = _run_one(args, cfg, backbone, layers, device, cache, console, path, load_s)
+                    else:
+                        console.print(f"[dim]{cfg.name}: result exists at {path}, skipped (use --overwrite to redo)[/]")
+                    written[cfg.name] = done
+            pending, wait = [cfg for cfg in configs if cfg.name not in written], True
     finally:
         if tmp_cache:
             tmp_cache.cleanup()
-    _write_plots(written, out_dir / safe_name(backbone.name), console)
+    _write_plots([written[cfg.name] for cfg in configs], out_dir / safe_name(backbone.name), console)
     return 0
+
+
+@contextmanager
+def _result_lock(path: Path, task_name: str, console: Console, wait: bool) -> Iterator[bool]:
+    """Hold the lock `.<task>.json.lock` beside a result file while its task runs: one process at a
+    time runs a task into one file. Yields True once held; when another live process holds it,
+    yields False at once (`wait` False: run the other tasks first) or waits for it to finish."""
+    lock = lock_beside(path)
+
+    def tell(owner: dict) -> None:
+        then = "waiting for its result" if wait else "running the other tasks first"
+        console.print(f"[dim]{task_name}: process {owner.get('pid', '?')} on {owner.get('host', '?')} "
+                      f"is running it into {path}; {then}[/]")
+    if wait:
+        lock.acquire(on_wait=tell)
+    elif not lock.try_acquire():
+        tell(lock.owner())
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _run_one(args, cfg: TaskConfig, backbone, layers: list[int], device: torch.device, cache, console: Console,
@@ -191,7 +235,7 @@ def _run_one(args, cfg: TaskConfig, backbone, layers: list[int], device: torch.d
     data_root = resolve_data_root(cfg, args.data_root)
     ctx = RunContext(backbone=backbone, layers=layers, device=device, quick=args.quick, data_root=data_root,
                      artifacts_dir=path.with_suffix(""), cache=cache, console=console, seed=cfg.seed,
-                     num_workers=cfg.num_workers, batch_size=cfg.batch_size)
+                     num_workers=cfg.num_workers, batch_size=cfg.batch_size, strict=args.strict)
     console.rule(f"[bold]{cfg.name}")
     t0 = time.perf_counter()
     out = task.run(ctx)
@@ -206,10 +250,15 @@ def _run_one(args, cfg: TaskConfig, backbone, layers: list[int], device: torch.d
     return result
 
 
-def _finished(path: Path, layers: list[int], backbone, cfg: TaskConfig, quick: bool) -> dict | None:
+def _finished(path: Path, layers: list[int], backbone, cfg: TaskConfig, quick: bool,
+              newer_than: float | None = None) -> dict | None:
     """The existing result at `path` when it answers this command (same checkpoint and tokenizer,
-    layers, resolved task config and --quick), else None (then the task is recomputed)."""
-    if not path.exists():
+    layers, resolved task config and --quick) and, with `newer_than` (--overwrite: a time.time()),
+    was written after it; else None (then the task is recomputed)."""
+    try:
+        if newer_than is not None and path.stat().st_mtime < newer_than:
+            return None
+    except FileNotFoundError:
         return None
     try:
         done = load_result(path)

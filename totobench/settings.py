@@ -117,7 +117,7 @@ class Settings:
         for key, value in data.items():
             here = f"{sources[key]}: {where}" if sources and key in sources else where
             if key not in fields:
-                raise ConfigError(f"{here}: unknown key '{key}'{did_you_mean(str(key), fields)}")
+                raise ConfigError(f"{here}: unknown key {key!r}{did_you_mean(str(key), fields)}")
             out = _coerce(value, hints[key])
             if out is _NO:
                 raise ConfigError(f"{here}.{key}: expected {_describe(hints[key])}, got {value!r}")

@@ -10,14 +10,20 @@ from rich.console import Console
 
 from totobench.data.check import check_root, print_report
 from totobench.data.synth import PLANS, synth, tree_size
+from totobench.errors import ConfigError
 from totobench.progress import progress_bar
 
 
 def cli_synth(args) -> int:
     """`totobench data synth --out DIR [--seed N] [--size tiny|default]`: the data world, then its size."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected a folder to write the data world into")
     start = time.perf_counter()
-    synth(out, seed=args.seed, size=args.size)
+    try:
+        synth(out, seed=args.seed, size=args.size)
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write the data world ({err.strerror or err})") from None
     n_files, n_bytes = tree_size(out)
     print(f"data world (size {args.size}, seed {args.seed}) in {out}: {n_files} files, "
           f"{n_bytes / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s")

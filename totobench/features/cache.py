@@ -7,8 +7,14 @@ sha256; a reader checks both and treats any mismatch (a truncated or corrupt sha
 so a shard is either complete or absent and never read half-written. A temporary file is
 allocated in full when created, so a full disk fails there with CacheWriteError (and the file
 is removed) instead of killing the process with SIGBUS when a memory-mapped page is written.
-Temporary names are `totobench.io.temp_path`'s (they carry the host and pid of their writer);
-`remove_stale_temp` deletes those of writers that died (e.g. a run killed with SIGKILL).
+
+Many processes may share one cache folder, on one machine or on a shared file system. Temporary
+names are `totobench.io.temp_path`'s (private to their writer, carrying its host and pid); a
+committed entry that checks out is never replaced (another process may have it mapped: the
+second writer of a key keeps the first one's entry); `lock(key)` is the advisory lock the
+extractor holds while it computes or merges entries; `remove_stale_temp` deletes only the
+temporary files of writers that provably died (e.g. a run killed with SIGKILL) or that nobody
+touched for a day, and the lock files of dead holders.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from totobench.errors import TotobenchError
-from totobench.io import atomic_write, temp_path, temp_writer, writer_tag
+from totobench.io import LOCK_SUFFIX, FileLock, atomic_write, break_stale_lock, temp_abandoned, temp_path
 
 FEATURE_CODE_VERSION = "1"  # bump when extraction or pooling changes what a key's bytes mean
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -41,22 +47,27 @@ def write_error(err: OSError, root: Path) -> CacheWriteError:
     return CacheWriteError(f"cannot write features to {root} ({err.strerror or err})")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def load_entry(path: Path) -> np.ndarray | None:
+    """The shard at `path` as a read-only memmap when it and its record (`.json` beside it) agree
+    on size, sha256 and shape; None when either is absent, truncated or corrupt."""
+    try:
+        record = json.loads(path.with_suffix(".json").read_text())
+        if path.stat().st_size != record["bytes"] or _file_sha256(path) != record["sha256"]:
+            raise ValueError("size or checksum mismatch")
+        array = np.load(path, mmap_mode="r")
+        if list(array.shape) != record["shape"]:
+            raise ValueError("shape mismatch")
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return None
+    return array
 
 
 def cache_key(**parts: Any) -> str:
@@ -85,7 +96,9 @@ class ShardWriter:
 
     def commit(self) -> np.ndarray:
         """Flush, fsync, hash, then rename the shard and its record into place; the shard as
-        a read-only memmap. Raises CacheWriteError (temp files removed) when a write fails."""
+        a read-only memmap. When another writer already committed this key and its entry checks
+        out, that entry stays (a reader may have it mapped) and this one is dropped.
+        Raises CacheWriteError (temp files removed) when a write fails."""
         try:
             self.array.flush()
             shape, dtype = list(self.array.shape), str(self.array.dtype)
@@ -94,13 +107,19 @@ class ShardWriter:
                 os.fsync(f.fileno())
             record = {"shape": shape, "dtype": dtype, "sha256": _file_sha256(self.tmp),
                       "bytes": self.tmp.stat().st_size}
+            committed = load_entry(self.final)
+            if committed is not None:
+                self.tmp.unlink(missing_ok=True)
+                return committed
+            # mapped before the rename: the data stays readable whoever later removes the name
+            array = np.load(self.tmp, mmap_mode="r")
             # the record is written last: a shard without a matching record is a miss
             os.replace(self.tmp, self.final)
             atomic_write(self.final.with_suffix(".json"), json.dumps(record))
         except OSError as err:
             self.abort()
             raise write_error(err, self.final.parent) from None
-        return np.load(self.final, mmap_mode="r")
+        return array
 
     def abort(self) -> None:
         """Drop the temporary file (idempotent)."""
@@ -135,20 +154,29 @@ class FeatureCache:
         """The shard as a read-only memmap, or None when absent, truncated or corrupt."""
         if not self.enabled:
             return None
-        path = self.path(key)
-        meta_path = path.with_suffix(".json")
-        try:
-            record = json.loads(meta_path.read_text())
-            if path.stat().st_size != record["bytes"] or _file_sha256(path) != record["sha256"]:
-                raise ValueError("size or checksum mismatch")
-            array = np.load(path, mmap_mode="r")
-            if list(array.shape) != record["shape"]:
-                raise ValueError("shape mismatch")
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
+        array = load_entry(self.path(key))
+        if array is None:
             self.misses += 1
             return None
         self.hits += 1
         return array
+
+    def committed(self, key: str) -> bool:
+        """Whether `key` has a record (cheap: no checksum; `load` is the check)."""
+        return self.path(key).with_suffix(".json").exists()
+
+    def lock(self, key: str) -> FileLock:
+        """The advisory lock of entry `key` (`.<key>.lock`): who computes or merges it right now."""
+        return FileLock(self.root / f".{key}{LOCK_SUFFIX}")
+
+    def claim(self, key: str) -> FileLock | None:
+        """The lock of `key`, taken, or None when another live process holds it. Raises
+        CacheWriteError when the folder cannot take the lock file."""
+        lock = self.lock(key)
+        try:
+            return lock if lock.try_acquire() else None
+        except OSError as err:
+            raise write_error(err, self.root) from None
 
     def writer(self, key: str, shape: tuple[int, ...], dtype=np.float16) -> ShardWriter:
         """A ShardWriter for `key`. Raises CacheWriteError when the folder cannot take it."""
@@ -159,22 +187,25 @@ class FeatureCache:
         return ShardWriter(self.path(key), shape, dtype)
 
     def delete(self, key: str) -> None:
-        """Remove an entry (shard, record and JSON record), if present."""
+        """Remove an entry (shard, record and JSON record), if present. Only for entries no other
+        process can still want (the extractor deletes merged chunks under the split's lock)."""
         path = self.path(key)
         for p in (path.with_suffix(".json"), path, self.root / f"{key}.record.json"):
             p.unlink(missing_ok=True)
 
     def remove_stale_temp(self) -> list[Path]:
-        """Delete temporary files left by dead writers of this host (a killed run); returns them."""
+        """Delete the temporary files of writers that provably died (a killed run on this host) or
+        that nobody touched for a day (see `totobench.io.temp_abandoned`), and the lock files of
+        dead holders; returns the temporary files removed."""
         removed = []
-        host = writer_tag().rpartition("-")[0]
         if not self.root.is_dir():
             return removed
         for p in self.root.glob(".*.tmp"):
-            writer = temp_writer(p)
-            if writer is not None and writer[0] == host and not _pid_alive(writer[1]):
+            if temp_abandoned(p):
                 p.unlink(missing_ok=True)
                 removed.append(p)
+        for p in self.root.glob(f".*{LOCK_SUFFIX}"):
+            break_stale_lock(p)
         return removed
 
     def load_json(self, key: str):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +23,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 from totobench import parallel
+from totobench.io import FileLock
 from totobench.progress import progress_bar
 from totobench.data.preprocess import to_unit_float
 from totobench.features import distributed
@@ -115,7 +118,9 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
     The pass runs in chunks of whole batches, each committed to the cache as it completes, so a
     killed run resumes at the first missing chunk. Under torchrun the chunks are shared out
     among the ranks (see totobench.features.distributed; the other ranks run `serve_extraction`)
-    and assembled here by dataset index.
+    and assembled here by dataset index. Other processes may extract the same split into the
+    same cache at the same time: chunks are shared out among them through their locks, and
+    whoever merges first leaves the merged entries to the others.
     Raises CacheWriteError (one line, temporary files removed) when the disk fills up.
     """
     device = torch.device(device)
@@ -128,24 +133,57 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
     base = dict(key_parts, checkpoint=getattr(backbone, "features_id", backbone.sha256), pooling=pooling)
     keys = {layer: cache_key(**base, layer=layer) for layer in layers}
     meta_key = cache_key(**base, what="labels-groups")
+    found = _load_split(cache, keys, meta_key, layers)
+    if found is not None:
+        return found
+    items = dataset if _yields_dicts(dataset) else Indexed(dataset)
+    cache.remove_stale_temp()
+    for attempt in range(MERGE_ATTEMPTS):
+        feats = {layer: cache.load(keys[layer]) for layer in layers}
+        missing = [layer for layer in layers if feats[layer] is None]
+        job = {"op": "extract", "items": items, "layers": missing or layers[:1], "kind": kind, "pooling": pooling,
+               "base": base, "chunks": plan_chunks(len(items), batch_size), "batch_size": batch_size,
+               "num_workers": num_workers, "cache_root": str(cache.root), "desc": desc,
+               "merged_marks": _merged_marks(cache, [keys[layer] for layer in missing], meta_key)}
+        if missing or attempt:  # every layer there but not labels/groups: first wait for whoever is merging them
+            _run_job(backbone, job, device, console)
+        assembled = _assemble(cache, job, keys, meta_key, feats, len(items), backbone.dim)
+        if assembled is not None:
+            return assembled
+    raise RuntimeError(f"feature chunks of {desc} kept disappearing from {cache.root} before they could be "
+                       f"merged ({MERGE_ATTEMPTS} attempts); is another program deleting files there?")
+
+
+MERGE_ATTEMPTS = 3  # extract + merge rounds; a second one only when merged entries turned out missing or corrupt
+
+
+def _load_split(cache: FeatureCache, keys: dict[int, str], meta_key: str, layers: list[int]) -> LayerFeatures | None:
+    """The whole split from its merged entries, or None when one is missing or corrupt."""
     feats = {layer: cache.load(keys[layer]) for layer in layers}
     meta = cache.load(meta_key)
     skipped_record = cache.load_json(meta_key)
-    missing = [layer for layer in layers if feats[layer] is None]
-    if not missing and meta is not None and skipped_record is not None:
-        meta = np.asarray(meta)
-        return LayerFeatures(feats, meta[:, 0], meta[:, 1], from_cache=True,
-                             skipped=[tuple(s) for s in skipped_record])
+    if any(f is None for f in feats.values()) or meta is None or skipped_record is None:
+        return None
+    meta = np.asarray(meta)
+    return LayerFeatures(feats, meta[:, 0], meta[:, 1], from_cache=True,
+                         skipped=[tuple(s) for s in skipped_record])
 
+
+def _merged_marks(cache: FeatureCache, keys: list[str], meta_key: str) -> list[str]:
+    """The merged entries (of the missing layers, and labels/groups unless there) whose records, once
+    all there, tell the extractors that another process has merged the split (then they stop
+    extracting); [] when a missing layer's record is there but failed its check (it must be
+    recomputed, so no record may cut the extraction short)."""
+    if any(cache.committed(key) for key in keys):
+        return []
+    return [*keys, meta_key] if not cache.committed(meta_key) else list(keys)
+
+
+def _run_job(backbone, job: dict, device: torch.device, console: Console | None) -> None:
+    """Run an extraction job here, and under torchrun on every rank too; prints what was reused."""
     rank_info = parallel.info()
-    items = dataset if _yields_dicts(dataset) else Indexed(dataset)
-    n = len(items)
-    shared = rank_info.active and distributed.picklable(items)
+    shared = rank_info.active and distributed.picklable(job["items"])
     world = rank_info.world_size if shared else 1
-    job = {"op": "extract", "items": items, "layers": missing, "kind": kind, "pooling": pooling,
-           "base": base, "chunks": plan_chunks(n, batch_size), "batch_size": batch_size,
-           "num_workers": num_workers, "cache_root": str(cache.root), "desc": desc}
-    cache.remove_stale_temp()
     if shared:
         distributed.send_job(job)
     try:
@@ -157,13 +195,14 @@ def extract_features(backbone, dataset: Dataset, layers: list[int], *, kind: str
     reports = distributed.collect_reports(report) if shared else [report]  # raises a rank's failure
     reused = sum(r["reused"] for r in reports)
     if console is not None and shared:
-        console.print(f"[dim]{desc}: chunks computed per rank {[r['computed'] for r in reports]}[/]")
+        console.print(f"[dim]{job['desc']}: chunks computed per rank {[r['computed'] for r in reports]}[/]")
     if console is not None and reused:
-        console.print(f"[dim]{desc}: resumed, {reused} of {len(job['chunks'])} chunks were already in the cache[/]")
-    return _assemble(cache, job, keys, meta_key, feats, n, backbone.dim)
+        console.print(f"[dim]{job['desc']}: resumed, {reused} of {len(job['chunks'])} chunks were already "
+                      f"in the cache[/]")
 
 
 MIN_CHUNKS = 8  # a split is cut in at least this many chunks (when it has the batches): work for 8 ranks
+WAIT_POLL_S = 0.2  # how often a process waiting for chunks another one extracts looks again
 
 
 def plan_chunks(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -182,9 +221,12 @@ def chunk_batches() -> int:
 
 
 def _chunk_keys(base: dict, layers: list[int], chunk: tuple[int, int]) -> tuple[dict[int, str], str]:
+    """Keys of a chunk's entries: one per layer, and its labels/groups entry (whose JSON record is the
+    chunk's done-mark), which is private to the job's layer set: a job extracting other layers of the
+    same split merges and drops its own chunks without touching this job's."""
     span = f"{chunk[0]}:{chunk[1]}"
     return ({layer: cache_key(**base, layer=layer, chunk=span) for layer in layers},
-            cache_key(**base, what="labels-groups", chunk=span))
+            cache_key(**base, what="labels-groups", chunk=span, layers=list(layers)))
 
 
 def _chunk_done(cache: FeatureCache, base: dict, layers: list[int], chunk: tuple[int, int]) -> bool:
@@ -211,37 +253,107 @@ def serve_extraction(backbone, device: torch.device) -> int:
 def run_extraction_job(backbone, job: dict, device: torch.device, *, rank: int = 0, world_size: int = 1,
                        console: Console | None = None) -> dict:
     """Extract this rank's chunks of a job (chunk i goes to rank i % world_size) into cache
-    entries, skipping chunks already there. Returns {"computed": k, "reused": k}."""
+    entries, skipping chunks already there. A chunk another process is extracting (it holds the
+    chunk's lock) is left to it and waited for once this rank's other chunks are done; the chunk of
+    a holder that died is taken over. Stops early when another process has merged the whole split.
+    Returns {"computed": k, "reused": k}."""
     cache = FeatureCache(Path(job["cache_root"]))
-    base, layers, batch_size = job["base"], job["layers"], job["batch_size"]
     mine = [c for i, c in enumerate(job["chunks"]) if i % world_size == rank]
-    todo = [c for c in mine if not _chunk_done(cache, base, layers, c)]
-    report = {"computed": len(todo), "reused": len(mine) - len(todo)}
-    if not todo:
-        return report
-    batches = [list(range(s, min(s + batch_size, stop))) for start, stop in todo
-               for s in range(start, stop, batch_size)]
-    loader = DataLoader(job["items"], batch_sampler=batches, num_workers=job["num_workers"],
-                        collate_fn=collate_indexed, pin_memory=False)
+    pending = [c for c in mine if not _chunk_done(cache, job["base"], job["layers"], c)]
     if rank > 0:
         console = Console(quiet=True)  # one progress display: rank 0's
-    chunk_of = {s: c for c in todo for s in range(c[0], c[1], batch_size)}
-    state = None  # the chunk being filled: writers, labels/groups, skipped items
     desc = job["desc"] if world_size == 1 else f"{job['desc']} (rank {rank})"
+    computed, waiting_told = 0, False
+    with progress_bar(console) as progress:
+        task = progress.add_task(desc, total=sum(stop - start for start, stop in pending), rate="")
+        while pending:
+            claims = _ChunkClaims(cache, job, pending, on_skip=lambda k: progress.update(task, advance=k))
+            if claims.first is not None:
+                computed += _extract_claimed(backbone, job, claims, device, progress, task)
+            elif claims.deferred and not claims.merged:
+                if console is not None and not waiting_told:
+                    console.print(f"[dim]{desc}: waiting for {len(claims.deferred)} chunks another process "
+                                  f"is extracting[/]")
+                    waiting_told = True
+                time.sleep(WAIT_POLL_S)
+            pending = [] if claims.merged else claims.deferred
+    return {"computed": computed, "reused": len(mine) - computed}
+
+
+class _ChunkClaims:
+    """The batch sampler of one pass over a job's pending chunks. It claims a chunk (takes its lock)
+    when the loader reaches it and yields its batches; a chunk another process holds is deferred to
+    the next pass, one that another process finished meanwhile is skipped, and nothing more is
+    claimed once another process has merged the whole split. Batches are remembered in the order
+    they were handed out (`handed`), which is the order the loader returns them in."""
+
+    def __init__(self, cache: FeatureCache, job: dict, pending: list[tuple[int, int]], on_skip):
+        self.cache, self.job, self.on_skip = cache, job, on_skip
+        self.todo = list(pending)
+        self.deferred: list[tuple[int, int]] = []
+        self.locks: dict[tuple[int, int], FileLock] = {}
+        self.handed: deque[list[int]] = deque()
+        self.merged = False
+        self.first = self._claim_next()  # claimed before any loader exists: no loader when there is none
+
+    def _claim_next(self) -> tuple[int, int] | None:
+        base, layers, marks = self.job["base"], self.job["layers"], self.job.get("merged_marks", [])
+        while self.todo:
+            if marks and all(self.cache.committed(key) for key in marks):
+                self.merged, self.todo = True, []
+                return None
+            chunk = self.todo.pop(0)
+            lock = self.cache.claim(_chunk_keys(base, layers, chunk)[1])
+            if lock is None:
+                self.deferred.append(chunk)
+            elif _chunk_done(self.cache, base, layers, chunk):
+                lock.release()
+                self.on_skip(chunk[1] - chunk[0])
+            else:
+                self.locks[chunk] = lock
+                return chunk
+        return None
+
+    def __iter__(self) -> Iterator[list[int]]:
+        chunk, self.first = self.first, None
+        step = self.job["batch_size"]
+        while chunk is not None:
+            for start in range(chunk[0], chunk[1], step):
+                self.handed.append(list(range(start, min(start + step, chunk[1]))))
+                yield self.handed[-1]
+            chunk = self._claim_next()
+
+    def release(self, chunk: tuple[int, int]) -> None:
+        lock = self.locks.pop(chunk, None)
+        if lock is not None:
+            lock.release()
+
+    def close(self) -> None:
+        for chunk in list(self.locks):
+            self.release(chunk)
+
+
+def _extract_claimed(backbone, job: dict, claims: _ChunkClaims, device: torch.device, progress, task) -> int:
+    """Extract the chunks `claims` hands out, committing (then releasing) each as it completes;
+    returns how many. Raises CacheWriteError when the disk fills up (the chunk in hand is dropped)."""
+    cache = claims.cache
+    base, layers = job["base"], job["layers"]
+    loader = DataLoader(job["items"], batch_sampler=claims, num_workers=job["num_workers"],
+                        collate_fn=collate_indexed, pin_memory=False)
+    state = None  # the chunk being filled: writers, labels/groups, skipped items
+    committed = 0
     try:
-        with progress_bar(console) as progress:
-            task = progress.add_task(desc, total=sum(stop - start for start, stop in todo), rate="")
-            tokens_iter = iterate_layer_tokens(backbone, loader, layers, job["kind"], device)
-            for batch_index, (tokens, batch) in zip(batches, tokens_iter):
-                chunk = chunk_of[batch_index[0]]
-                if state is None:
-                    state = _ChunkState(chunk)
-                state.add(cache, base, layers, tokens, batch, job["pooling"])
-                if batch_index[-1] == chunk[1] - 1:
-                    state.commit(cache, base, layers)
-                    state = None
-                speed = progress.tasks[0].speed
-                progress.update(task, advance=len(batch_index), rate=f"{speed:.1f} items/s" if speed else "")
+        for tokens, batch in iterate_layer_tokens(backbone, loader, layers, job["kind"], device):
+            batch_index = claims.handed.popleft()
+            if state is None:
+                state = _ChunkState(next(c for c in claims.locks if c[0] <= batch_index[0] < c[1]))
+            state.add(cache, base, layers, tokens, batch, job["pooling"])
+            if batch_index[-1] == state.chunk[1] - 1:
+                state.commit(cache, base, layers)
+                claims.release(state.chunk)
+                state, committed = None, committed + 1
+            speed = progress.tasks[0].speed
+            progress.update(task, advance=len(batch_index), rate=f"{speed:.1f} items/s" if speed else "")
     except OSError as err:
         if err.errno in DISK_FULL:
             raise write_error(err, cache.root) from None
@@ -249,7 +361,8 @@ def run_extraction_job(backbone, job: dict, device: torch.device, *, rank: int =
     finally:
         if state is not None:
             state.abort()
-    return report
+        claims.close()
+    return committed
 
 
 class _ChunkState:
@@ -290,40 +403,66 @@ class _ChunkState:
 
 
 def _assemble(cache: FeatureCache, job: dict, keys: dict[int, str], meta_key: str,
-              feats: dict, n: int, dim: int) -> LayerFeatures:
-    """Copy the chunks of a finished job, by dataset index, into one shard per layer plus the
-    labels/groups shard and the skipped record; then drop the chunk entries."""
+              feats: dict, n: int, dim: int) -> LayerFeatures | None:
+    """Merge the chunks of a finished job, by dataset index, into one entry per layer plus the
+    labels/groups entry and the skipped record, then drop the chunk entries. This runs under the
+    split's lock: one process merges at a time and no chunk is dropped while another merges it.
+    Entries another process merged meanwhile are taken as they are. Returns None when a chunk
+    this merge needs is gone (dropped by a merger whose entry then failed its check): extract again."""
+    with cache.lock(meta_key):
+        for layer in job["layers"]:
+            feats[layer] = cache.load(keys[layer])
+        need = [layer for layer in job["layers"] if feats[layer] is None]
+        meta, skipped = cache.load(meta_key), cache.load_json(meta_key)
+        if need or meta is None or skipped is None:
+            merged = _merge_chunks(cache, job, need, keys, meta_key, feats, n, dim)
+            if merged is None:
+                return None
+            meta, skipped = merged
+        for chunk in job["chunks"]:
+            chunk_keys, chunk_meta_key = _chunk_keys(job["base"], job["layers"], chunk)
+            for key in (*chunk_keys.values(), chunk_meta_key):
+                cache.delete(key)
+    meta = np.asarray(meta)
+    return LayerFeatures(feats, meta[:, 0], meta[:, 1], from_cache=False, skipped=[tuple(s) for s in skipped])
+
+
+def _merge_chunks(cache: FeatureCache, job: dict, need: list[int], keys: dict[int, str], meta_key: str,
+                  feats: dict, n: int, dim: int) -> tuple[np.ndarray, list] | None:
+    """Write the merged entries of the layers in `need` (into `feats`), and the labels/groups entry
+    and skipped record unless they are there; (labels/groups, skipped), or None when a chunk is gone."""
     base, layers = job["base"], job["layers"]
     chunks = []
     for chunk in job["chunks"]:
         chunk_keys, chunk_meta_key = _chunk_keys(base, layers, chunk)
         record, meta = cache.load_json(chunk_meta_key), cache.load(chunk_meta_key)
         if record is None or meta is None:
-            raise RuntimeError(f"feature chunk {chunk} of {job['desc']} is missing from {cache.root} after extraction")
-        chunks.append((chunk, chunk_keys, chunk_meta_key, record, meta))
-    shapes = [tuple(record["row_shape"]) for _, _, _, record, _ in chunks if record["row_shape"] is not None]
+            return None
+        chunks.append((chunk, chunk_keys, record, meta))
+    shapes = [tuple(record["row_shape"]) for _, _, record, _ in chunks if record["row_shape"] is not None]
     row_shape = shapes[0] if shapes else (dim,)  # (dim,) when nothing at all could be decoded
     writers = {}
     meta_buf = np.full((n, 2), -1, dtype=np.int64)
     skipped = []
     try:
-        for layer in layers:
+        for layer in need:
             writers[layer] = cache.writer(keys[layer], (n,) + row_shape)
-        for (start, stop), chunk_keys, _, record, meta in chunks:
+        for (start, stop), chunk_keys, record, meta in chunks:
             meta_buf[start:stop] = meta
             skipped.extend(tuple(s) for s in record["skipped"])
             if record["row_shape"] is None:
                 continue  # nothing decodable in this chunk: its rows stay zero, labels -1
-            for layer in layers:
+            for layer in need:
                 rows = cache.load(chunk_keys[layer])
                 if rows is None:
-                    raise RuntimeError(f"feature chunk {(start, stop)} of layer {layer} is corrupt in {cache.root}")
+                    return None
                 writers[layer].array[start:stop] = rows
-        for layer in layers:
+        for layer in need:
             feats[layer] = writers[layer].commit()
             del writers[layer]
-        meta = np.asarray(cache.save(meta_key, meta_buf))
-        cache.save_json(meta_key, [list(s) for s in skipped])
+        meta = cache.save(meta_key, meta_buf)  # an entry already there stays
+        if cache.load_json(meta_key) is None:
+            cache.save_json(meta_key, [list(s) for s in skipped])
     except OSError as err:
         if err.errno in DISK_FULL:
             raise write_error(err, cache.root) from None
@@ -331,10 +470,7 @@ def _assemble(cache: FeatureCache, job: dict, keys: dict[int, str], meta_key: st
     finally:
         for w in writers.values():
             w.abort()
-    for _, chunk_keys, chunk_meta_key, _, _ in chunks:
-        for key in (*chunk_keys.values(), chunk_meta_key):
-            cache.delete(key)
-    return LayerFeatures(feats, meta[:, 0], meta[:, 1], from_cache=False, skipped=skipped)
+    return meta, skipped
 
 
 def _yields_dicts(dataset: Dataset) -> bool:

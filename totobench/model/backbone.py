@@ -132,6 +132,8 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     """A registered name or a checkpoint folder path -> the folder.
     Raises ConfigError with the closest name for an unknown one, CheckpointError if a registered
     checkpoint has not been produced yet."""
+    if not name_or_path.strip():
+        raise ConfigError("model '': expected a registered name or a checkpoint folder")
     registered = [n for n in list_models() if not n.startswith(RANDOM_INIT)]
     if name_or_path in registered:
         path = checkpoints_dir() / name_or_path
@@ -156,6 +158,9 @@ def load_backbone(spec: str, device: str = "cpu") -> Backbone:
     registered in MODELS (e.g. "random-init:toto-tiny"), a registered name (see list_models()) or a
     checkpoint folder. Raises ConfigError for an unknown name, CheckpointError for a bad folder."""
     family, rest = split_spec(spec)
+    if not rest.strip():
+        raise ConfigError(f"--model {spec!r}: expected a registered name or a checkpoint folder after {family!r}"
+                          if ":" in spec else "--model: expected a registered name or a checkpoint folder, got ''")
     load = MODELS.get(family)
     with torch.random.fork_rng(devices=[]):   # building modules draws random numbers: not the caller's
         return load(rest, device)

@@ -6,9 +6,23 @@ without building one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, fields
 
 from totobench.errors import ConfigError
+
+
+def check_positive_fields(obj, ints: tuple[str, ...], numbers: tuple[str, ...], where: str) -> None:
+    """ConfigError naming the field unless each of `ints` is an integer >= 1 and each of `numbers`
+    a finite number > 0 (config files are JSON: a quoted "8" is a string, not a size)."""
+    for name in ints:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {name} must be an integer >= 1, got {value!r}")
+    for name in numbers:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{where}: {name} must be a number > 0, got {value!r}")
 
 
 @dataclass
@@ -29,6 +43,9 @@ class TotoConfig:
     images_per_sequence: int = 16
 
     def __post_init__(self):
+        check_positive_fields(self, ("dim", "n_layers", "n_heads", "mlp_hidden", "codebook_size", "vocab_size",
+                                     "max_seq_len", "resolution", "patch_size", "num_frames", "frame_stride",
+                                     "images_per_sequence"), ("rope_base", "norm_eps"), "TotoConfig")
         if self.dim % self.n_heads:
             raise ConfigError(f"TotoConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
@@ -72,6 +89,8 @@ class TotoConfig:
     def from_dict(cls, d: dict) -> "TotoConfig":
         """Build from a dict such as a checkpoint's config.json; extra keys (e.g. "architecture")
         are ignored, a missing field raises ConfigError."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"Toto config must be a JSON object, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
         required = [f.name for f in fields(cls) if f.default is MISSING]
         missing = [n for n in required if n not in d]

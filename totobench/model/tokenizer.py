@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from totobench.errors import CheckpointError
+from totobench.errors import CheckpointError, ConfigError
+from totobench.model.config import check_positive_fields
 from totobench.io import atomic_path, atomic_write_json
 
 
@@ -35,6 +36,21 @@ class TokenizerConfig:
     ema_decay: float = 0.99
     commitment: float = 0.25     # weight of ||z_e - sg(z_q)||^2
     dead_code_threshold: float = 1.0  # restart a code whose EMA count of assigned vectors drops below this
+
+    def __post_init__(self):
+        check_positive_fields(self, ("codebook_size", "downsample", "stem", "channels", "max_channels", "code_dim",
+                                     "num_res_blocks"), (), "TokenizerConfig")
+        for name in ("downsample", "stem"):
+            value = getattr(self, name)
+            if value & (value - 1):
+                raise ConfigError(f"TokenizerConfig: {name} must be a power of two, got {value}")
+        if self.downsample % self.stem:
+            raise ConfigError(f"TokenizerConfig: stem {self.stem} must divide downsample {self.downsample}")
+        for name, low, high in (("ema_decay", 0.0, 1.0), ("commitment", 0.0, math.inf),
+                                ("dead_code_threshold", 0.0, math.inf)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+                raise ConfigError(f"TokenizerConfig: {name} must be a number in [{low}, {high}), got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -236,7 +252,7 @@ class VisualTokenizer(nn.Module):
         try:
             cfg = json.loads(cfg_path.read_text())
             config = TokenizerConfig.from_dict(cfg)
-        except (json.JSONDecodeError, TypeError) as err:
+        except (json.JSONDecodeError, TypeError, AttributeError, ConfigError) as err:
             raise CheckpointError(f"{cfg_path}: not a valid tokenizer config ({err})") from None
         tokenizer = cls(config)
         try:

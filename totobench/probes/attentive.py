@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from totobench.errors import CheckpointError, ConfigError
-from totobench.io import atomic_path
+from totobench.io import atomic_path, lock_beside
 from totobench.metrics.classification import topk_correct, true_class_rank
 from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec,
                                    classification_results, labels_tensor)
@@ -271,7 +271,8 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
     ({layer: tokens [B, L, D]}, labels [B]); the caller keeps the held-out items out of train
     and shuffles train by epoch (so a resumed run sees the same batches as an uninterrupted one). The cosine schedule needs the number of
     batches per epoch: steps_per_epoch, else len() of the first train iterable, else constant lr.
-    state_path: the grid is saved there (atomically) after every epoch and a run resumes from it.
+    state_path: the grid is saved there (atomically) after every epoch and a run resumes from it
+    (one process per path: AttentiveProbe.fit holds a lock beside it).
     on_epoch(epoch, mean_loss) is called after each epoch (progress display).
     Returns {layer: {"metrics": {"top1", "top5"} on val, "best_hparams": {"lr", "wd"},
     "select_score": held-out top-1}} (the probes are trained without the held-out slice; no refit).
@@ -384,6 +385,17 @@ class AttentiveProbe(Probe):
     Spec = AttentiveSpec
     produces = CLASS_SCORES
 
+    @staticmethod
+    def state_file(train: ProbeData, spec: AttentiveSpec, ctx: ProbeContext) -> Path | None:
+        """Where `fit` saves the grid after every epoch, so that a killed run resumes (None without
+        ctx.state_dir); keyed so that other settings never reuse it. While a process trains, it
+        holds the lock beside it (`totobench.io.lock_beside`); a second process training the same
+        probe meanwhile keeps no state, rather than share the file."""
+        if ctx.state_dir is None:
+            return None
+        key = json.dumps([spec.as_dict(), ctx.run_key, train.layers, len(train.labels), ctx.seed], sort_keys=True)
+        return Path(ctx.state_dir) / f"attentive_state_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
     def fit(self, train: ProbeData, val: ProbeData, spec: AttentiveSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
         positions = None
         if spec.positions == "spacetime":
@@ -391,16 +403,20 @@ class AttentiveProbe(Probe):
                 raise ConfigError(f"probe.positions 'spacetime' needs a (frames, rows, cols) token grid, "
                                   f"got {train.token_grid}")
             positions = tuple(train.token_grid)
-        state_path = None
-        if ctx.state_dir is not None:
-            # saved after every epoch so a killed run resumes; keyed so other settings never reuse it
-            key = json.dumps([spec.as_dict(), ctx.run_key, train.layers, len(train.labels), ctx.seed], sort_keys=True)
-            state_path = Path(ctx.state_dir) / f"attentive_state_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
-        out = fit_attentive_grid(train.feats, labels_tensor(train), val.feats, labels_tensor(val), train.num_classes,
-                                 lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs, batch_size=spec.batch_size,
-                                 holdout=spec.holdout, num_heads=spec.num_heads, warmup_epochs=spec.warmup_epochs,
-                                 seed=ctx.seed, device=ctx.device, state_path=state_path,
-                                 return_scores=ctx.keep_outputs, positions=positions)
+        state_path, state_lock = self.state_file(train, spec, ctx), None
         if state_path is not None:
-            state_path.unlink(missing_ok=True)
+            state_lock = lock_beside(state_path)
+            if not state_lock.try_acquire():  # another live process trains this very probe: never share its state
+                state_path, state_lock = None, None
+        try:
+            out = fit_attentive_grid(train.feats, labels_tensor(train), val.feats, labels_tensor(val),
+                                     train.num_classes, lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs,
+                                     batch_size=spec.batch_size, holdout=spec.holdout, num_heads=spec.num_heads,
+                                     warmup_epochs=spec.warmup_epochs, seed=ctx.seed, device=ctx.device,
+                                     state_path=state_path, return_scores=ctx.keep_outputs, positions=positions)
+            if state_path is not None:
+                state_path.unlink(missing_ok=True)
+        finally:
+            if state_lock is not None:
+                state_lock.release()
         return classification_results(out)

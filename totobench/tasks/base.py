@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from rich.console import Console
 
-from totobench.errors import ConfigError
+from totobench.errors import ConfigError, DataError
 from totobench.features.extract import LayerFeatures, extract_features
 from totobench.probes.base import CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
 from totobench.registry import PROBES
@@ -99,6 +100,7 @@ class RunContext:
     seed: int = 0
     num_workers: int = 0
     batch_size: int = 64
+    strict: bool = False          # --strict: an unreadable item stops the run instead of being skipped
 
 
 @dataclass
@@ -163,8 +165,9 @@ class Task:
         raise NotImplementedError
 
     def probe_data(self, split: Split, features: LayerFeatures) -> ProbeData:
-        """What the probe reads of one extracted split (default: class labels)."""
-        return ProbeData(feats=features.feats, labels=features.labels, num_classes=split.info.get("num_classes"))
+        """What the probe reads of one extracted split (default: the readable rows and their class labels)."""
+        f = readable_rows(features)
+        return ProbeData(feats=f.feats, labels=f.labels, num_classes=split.info.get("num_classes"))
 
     def score(self, ctx: RunContext, results: dict[int, LayerResult], val: Split,
               val_data: ProbeData) -> list[LayerRow]:
@@ -217,10 +220,17 @@ class Task:
                             run_key=f"{features_id}:{self.name}", keep_outputs=self.keep_outputs)
 
     def extract(self, ctx: RunContext, split: Split, pooling: str) -> LayerFeatures:
-        return extract_features(ctx.backbone, split.dataset, ctx.layers, kind=split.kind, pooling=pooling,
-                                cache=ctx.cache, batch_size=split.batch_size, num_workers=ctx.num_workers,
-                                device=ctx.device, console=ctx.console, desc=f"{self.name} {split.name}",
-                                key_parts=split.key)
+        """Features of every requested layer of `split`; under --strict a DataError names the
+        first item that could not be read."""
+        features = extract_features(ctx.backbone, split.dataset, ctx.layers, kind=split.kind, pooling=pooling,
+                                    cache=ctx.cache, batch_size=split.batch_size, num_workers=ctx.num_workers,
+                                    device=ctx.device, console=ctx.console, desc=f"{self.name} {split.name}",
+                                    key_parts=split.key)
+        if ctx.strict and features.skipped:
+            path, reason = features.skipped[0]
+            raise DataError(f"{path}: {reason or 'unreadable'} ({split.name} split of {self.name}; "
+                            f"without --strict it is skipped and listed in the result)")
+        return features
 
     def evaluate(self, ctx: RunContext, inputs: dict, spec: ProbeSpec) -> Evaluation:
         """Extract train and val, fit the probe on every layer, score val."""
@@ -239,8 +249,9 @@ class Task:
                           timing={"extract": t1 - t0, "probe": t2 - t1})
 
     def skipped(self, ctx: RunContext, train: Split, val: Split, tr: LayerFeatures, va: LayerFeatures) -> dict:
-        """Result `extra` entries about items that could not be read (default: none)."""
-        return {}
+        """Result `extra` entries about items that could not be read: {"skipped": {split: {reason:
+        [paths]}}, "num_skipped": {split: count}} (and a warning on the console)."""
+        return skipped_report(ctx, {"train": tr.skipped, "val": va.skipped})
 
     def run(self, ctx: RunContext) -> TaskOutput:
         spec = self.probe_spec(ctx.quick)
@@ -262,6 +273,31 @@ class Task:
     def reported(self, metrics: dict[str, float]) -> dict[str, float]:
         """The metrics the YAML's `metrics:` selects, in the task's order."""
         return {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in self.cfg.metrics)}
+
+
+def readable_rows(f: LayerFeatures) -> LayerFeatures:
+    """Only the rows of items that could be read (all rows when none was skipped)."""
+    keep = np.flatnonzero(f.valid)
+    if len(keep) == len(f.labels):
+        return f
+    return LayerFeatures({layer: np.asarray(a)[keep] for layer, a in f.feats.items()}, f.labels[keep],
+                         f.groups[keep], f.from_cache, f.skipped)
+
+
+def skipped_report(ctx: RunContext, failures: dict[str, list[tuple[str, str]]],
+                   up_front: dict[str, dict[str, list]] | None = None) -> dict:
+    """{"skipped": {split: {reason: sorted unique paths}}, "num_skipped": {split: count}} from the
+    (path, reason) pairs the extractor dropped (and items dropped before extraction)."""
+    skipped = {}
+    for split, pairs in failures.items():
+        out: dict[str, set] = {reason: set(paths) for reason, paths in (up_front or {}).get(split, {}).items()}
+        for path, reason in pairs:
+            out.setdefault(reason or "unreadable", set()).add(path)
+        skipped[split] = {reason: sorted(paths) for reason, paths in sorted(out.items()) if paths}
+    counts = {split: sum(len(p) for p in s.values()) for split, s in skipped.items()}
+    if any(counts.values()):
+        ctx.console.print(f"[yellow]skipped unreadable items: {counts} (listed in the result file)[/]")
+    return {"skipped": skipped, "num_skipped": counts}
 
 
 def check_metrics(task_cls: type[Task], cfg: TaskConfig, where: str) -> None:

@@ -11,9 +11,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
+from totobench.data.imagenet import ImageNetFolder, load_rgb
 from totobench.data.preprocess import image_transform
+from totobench.errors import DataError
 from totobench.tasks.base import QuickSpec, RunContext, Split, Task
 
 
@@ -24,17 +26,24 @@ class ImageQuick(QuickSpec):
 
 
 class SingleFrames(Dataset):
-    """Wrap an (image, label) dataset as (frames [1, 3, R, R], label) for the extractor."""
+    """Images `keep` of an ImageNet folder as extractor items {"frames" [1, 3, R, R], "label", ...};
+    an image that cannot be decoded becomes a skipped item (frames None) naming its file."""
+    yields_dicts = True
 
-    def __init__(self, base, transform):
-        self.base, self.transform = base, transform
+    def __init__(self, folder, keep: list[int], transform):
+        self.folder, self.keep, self.transform = folder, keep, transform
 
     def __len__(self):
-        return len(self.base)
+        return len(self.keep)
 
     def __getitem__(self, i):
-        image, label = self.base[i]
-        return self.transform(image).unsqueeze(0), label
+        path, label = self.folder.samples[self.keep[i]]
+        item = {"frames": None, "label": label, "index": i, "group": i, "path": str(path), "skip_reason": None}
+        try:
+            item["frames"] = self.transform(load_rgb(path)).unsqueeze(0)
+        except DataError as err:
+            item["skip_reason"] = f"unreadable image ({str(err).split(' (', 1)[-1].rstrip(')')})"
+        return item
 
 
 def per_class_subset(labels: list[int], limit: int | None) -> list[int]:
@@ -61,12 +70,11 @@ class ImageClassification(Task):
     Quick = ImageQuick
 
     def _split(self, ctx: RunContext, split: str, limit: int | None, resolution: int, name: str) -> Split:
-        from totobench.data.imagenet import ImageNetFolder
         folder = ImageNetFolder(ctx.data_root, split)
         keep = per_class_subset([y for _, y in folder.samples], limit)
         key = {"dataset": folder.fingerprint(), "split": split, "subset": subset_id(keep, len(folder)),
                "transform": f"resize-shortside-centercrop-{resolution}", "kind": "image"}
-        return Split(name, Subset(SingleFrames(folder, image_transform(resolution)), keep), key,
+        return Split(name, SingleFrames(folder, keep, image_transform(resolution)), key,
                      kind="image", batch_size=ctx.batch_size, info={"num_classes": len(folder.classes)})
 
     def splits(self, ctx: RunContext, inputs: dict) -> tuple[Split, Split]:

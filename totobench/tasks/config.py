@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from totobench.errors import ConfigError
+from totobench.errors import ConfigError, shown
 from totobench.registry import did_you_mean
 from totobench.paths import tasks_dir
 
@@ -42,7 +42,7 @@ def _check_top_level(path: Path, cfg: dict, sources: dict[tuple, str]) -> None:
     for key, value in cfg.items():
         where = f"{sources[(key,)]}: {path}" if (key,) in sources else str(path)
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"{where}: unknown key '{key}'{did_you_mean(str(key), TOP_LEVEL_KEYS)}")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(str(key), TOP_LEVEL_KEYS)}")
         expected = TOP_LEVEL_KEYS[key]
         if (isinstance(value, bool) and expected is int) or not isinstance(value, expected):
             raise ConfigError(f"{where}: '{key}' must be {_type_name(expected)}, got {value!r}")
@@ -176,7 +176,7 @@ def resolve_task_names(spec: str) -> list[str]:
         raise ConfigError("--tasks: expected `all` or a comma-separated list of task names")
     for name in names:
         if name not in tasks:
-            raise ConfigError(f"unknown task '{name}'{did_you_mean(name, tasks)} (see `totobench ls tasks`)")
+            raise ConfigError(f"unknown task {name!r}{did_you_mean(name, tasks)} (see `totobench ls tasks`)")
     return names
 
 
@@ -191,11 +191,11 @@ def _default_suite(tasks: dict[str, Path]) -> list[str]:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a","b","c"], YAML-parsed value)."""
     if "=" not in text:
-        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set probe.epochs=5")
+        raise ConfigError(f"--set {shown(text)}: expected KEY=VALUE, e.g. --set probe.epochs=5")
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"--set {text}: empty key")
+        raise ConfigError(f"--set {shown(text)}: empty key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -227,7 +227,7 @@ def apply_overrides(cfg: dict, task_name: str, overrides: list[str]) -> tuple[di
         elif _is_task_name(head) and len(parts) > 1:
             continue  # meant for another task
         cfg = deep_merge(cfg, _nest(parts, value))
-        sources[tuple(parts[:2])] = f"--set {text}"
+        sources[tuple(parts[:2])] = f"--set {shown(text)}"
     return cfg, sources
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from totobench.data.preprocess import resize_to
-from totobench.errors import ConfigError
+from totobench.errors import ConfigError, DataError
 from totobench.features.extract import extract_features
 from totobench.probes.base import SOFT_MASKS, ProbeData
 from totobench.progress import progress_bar
@@ -169,11 +169,23 @@ class DavisLabelPropagation(Task):
         sequences = data.sequences[: self.quick_limit("max_sequences", ctx.quick)]
         layer_dirs = {layer: ctx.artifacts_dir / f"layer_{layer:02d}" for layer in ctx.layers}
         timing = {"extract": 0.0, "propagate": 0.0}
+        skipped: dict[str, str] = {}    # sequence -> why (an unreadable frame or mask)
+        grid = None
         with progress_bar(ctx.console) as progress:
             job = progress.add_task(f"{self.name} sequences", total=len(sequences), rate="")
             for seq in sequences:
-                grid = self._propagate(ctx, data, seq, inputs, spec, layer_dirs, timing)
+                try:
+                    grid = self._propagate(ctx, data, seq, inputs, spec, layer_dirs, timing)
+                except DataError as err:
+                    if ctx.strict:
+                        raise DataError(f"{err} (without --strict the sequence is skipped and listed)") from None
+                    skipped[seq] = str(err)
                 progress.update(job, advance=1)
+        sequences = [seq for seq in sequences if seq not in skipped]
+        if not sequences:
+            raise DataError(f"{ctx.data_root}: no DAVIS sequence could be read ({next(iter(skipped.values()))})")
+        if skipped:
+            ctx.console.print(f"[yellow]skipped {len(skipped)} unreadable sequence(s) (listed in the result file)[/]")
         t0 = time.perf_counter()
         rows = []
         for layer in ctx.layers:
@@ -183,7 +195,8 @@ class DavisLabelPropagation(Task):
         timing["evaluate"] = time.perf_counter() - t0
         facts = {"feature_grid": list(grid), "num_sequences": len(sequences),
                  "results_dirs": {str(l): str(p) for l, p in layer_dirs.items()}}
-        return Evaluation(rows=rows, fingerprint=data.fingerprint(), facts=facts, timing=timing)
+        extra = {"skipped": {"val": skipped}, "num_skipped": {"val": len(skipped)}}
+        return Evaluation(rows=rows, fingerprint=data.fingerprint(), facts=facts, extra=extra, timing=timing)
 
     def _propagate(self, ctx: RunContext, data, seq: str, inputs: dict, spec, layer_dirs: dict,
                    timing: dict) -> tuple[int, int]:

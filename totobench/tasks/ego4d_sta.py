@@ -19,7 +19,8 @@ from torch.utils.data import Dataset
 from totobench.data.preprocess import resize_and_crop
 from totobench.io import atomic_write
 from totobench.probes.base import STA_OUTPUTS, ProbeData
-from totobench.tasks.base import Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Split, Task
+from totobench.tasks.base import (Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Split, Task,
+                                  skipped_report)
 
 
 class StaClips(Dataset):
@@ -139,4 +140,5 @@ class Ego4dSta(Task):
         return val.key["dataset"]
 
     def skipped(self, ctx, train, val, tr, va) -> dict:
-        return {"skipped_uids": {"train": sorted({p for p, _ in tr.skipped}), "val": sorted({p for p, _ in va.skipped})}}
+        return {"skipped_uids": {"train": sorted({p for p, _ in tr.skipped}), "val": sorted({p for p, _ in va.skipped})},
+                **skipped_report(ctx, {"train": tr.skipped, "val": va.skipped})}

@@ -17,11 +17,12 @@ import torch
 from torch.utils.data import Dataset
 
 from totobench.data.preprocess import resize_and_crop
-from totobench.errors import ConfigError
+from totobench.errors import ConfigError, DataError
 from totobench.features.extract import LayerFeatures
 from totobench.metrics.classification import topk_accuracy
 from totobench.probes.base import ProbeData
-from totobench.tasks.base import InputSpec, LayerRow, QuickSpec, RunContext, Split, Task
+from totobench.tasks.base import (InputSpec, LayerRow, QuickSpec, RunContext, Split, Task, readable_rows,
+                                  skipped_report)
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,6 @@ class ClipViews(Dataset):
         return sample
 
 
-def skipped_summary(views: ClipViews, decode_failures: list[tuple[str, str]]) -> dict:
-    """{reason: sorted unique paths}: skipped before decoding (missing, too short) and while decoding."""
-    out: dict[str, set] = {reason: set(paths) for reason, paths in views.skipped_up_front.items()}
-    for path, reason in decode_failures:
-        out.setdefault(reason or "unreadable", set()).add(path)
-    return {reason: sorted(paths) for reason, paths in sorted(out.items()) if paths}
-
-
 def video_level_metrics(scores: torch.Tensor, labels: np.ndarray, groups: np.ndarray) -> dict:
     """Average softmax scores of the views of each video, then top-1/top-5 over videos."""
     groups_t = torch.as_tensor(np.array(groups))
@@ -120,15 +113,6 @@ def limit_per_class(index, per_class: int | None) -> None:
     index.videos = keep
 
 
-def decodable(f: LayerFeatures) -> LayerFeatures:
-    """Only the decodable rows of a split's features."""
-    keep = np.flatnonzero(f.valid)
-    if len(keep) == len(f.labels):
-        return f
-    return LayerFeatures({l: np.asarray(a)[keep] for l, a in f.feats.items()}, f.labels[keep],
-                         f.groups[keep], f.from_cache, f.skipped)
-
-
 class VideoClassification(Task):
     kind = "video_classification"
     Input = ClipInput
@@ -149,6 +133,11 @@ class VideoClassification(Task):
             raise ConfigError(f"{ctx.data_root}: no usable videos in the train or val split")
         train = ClipViews(train_index, frames, stride, resolution, True, train_clips, 1, ctx.seed)
         val = ClipViews(val_index, frames, stride, resolution, False, clips, crops, ctx.seed)
+        for views in (train, val):
+            dropped = [(path, reason) for reason, paths in views.skipped_up_front.items() for path in paths]
+            if ctx.strict and dropped:
+                raise DataError(f"{dropped[0][0]}: {dropped[0][1]} (without --strict it is skipped and listed "
+                                f"in the result)")
         transform = f"shortside-crop-{resolution}-f{frames}-s{stride}"
         kind, batch = "video" if frames > 1 else "image", max(1, ctx.batch_size // max(frames, 1))
         info = {"num_classes": len(train_index.classes), "frames": frames}
@@ -159,7 +148,7 @@ class VideoClassification(Task):
                                    "transform": transform, "n": len(val)}, kind, batch, dict(info)))
 
     def probe_data(self, split: Split, features: LayerFeatures) -> ProbeData:
-        f = decodable(features)
+        f = readable_rows(features)
         return ProbeData(feats=f.feats, labels=f.labels, num_classes=split.info["num_classes"],
                          token_grid=clip_token_grid(f, split.info["frames"]),
                          targets=f.groups)
@@ -171,11 +160,9 @@ class VideoClassification(Task):
                 for layer, r in sorted(results.items())]
 
     def skipped(self, ctx, train, val, tr, va) -> dict:
-        skipped = {"train": skipped_summary(train.dataset, tr.skipped), "val": skipped_summary(val.dataset, va.skipped)}
-        n_skipped = {split: sum(len(p) for p in s.values()) for split, s in skipped.items()}
-        if any(n_skipped.values()):
-            ctx.console.print(f"[yellow]skipped videos: {n_skipped} (listed in the result file)[/]")
-        return {"skipped": skipped, "num_skipped": n_skipped}
+        # videos missing or too short are dropped by the index, before extraction
+        return skipped_report(ctx, {"train": tr.skipped, "val": va.skipped},
+                              {"train": train.dataset.skipped_up_front, "val": val.dataset.skipped_up_front})
 
     def facts(self, train, val, train_data, val_data) -> dict:
         return {"eval_views": f"{self.cfg.input.clips_per_video} clips x {self.cfg.input.crops_per_clip} crops",

@@ -57,7 +57,7 @@ def test_a_bad_tokenizer_config_is_one_line(micro_checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("setting, words", [
     ("imagenet-linear.probe.epochs=ten", "probe.epochs: expected an integer, got 'ten'"),
-    ("imagenet-linear.probe.lrs=0.1", "probe.lrs: expected a list of numbers, got 0.1"),
+    ("imagenet-linear.probe.lrs=0.1", "probe.lrs: expected a list of finite numbers, got 0.1"),
     ("imagenet-linear.input.resolution=-64", "input.resolution: expected >= 1, got -64"),
     ("imagenet-linear.quick.max_val_per_class=[1]", "quick.max_val_per_class: expected an integer"),
 ])

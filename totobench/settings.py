@@ -17,6 +17,7 @@ that tie fields together. Every failure is one ConfigError line: where, key, val
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -33,7 +34,7 @@ def _describe(hint) -> str:
         return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
             type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
@@ -63,16 +64,16 @@ def _coerce(value: Any, hint) -> Any:
         return value if isinstance(value, bool) else _NO
     if hint is int:
         return value if isinstance(value, int) and not isinstance(value, bool) else _NO
-    if hint is float:
+    if hint is float:  # finite numbers only: nan and inf are never a setting
         if isinstance(value, bool):
             return _NO
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 return _NO
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
         return _NO
     if hint is str:
         return value if isinstance(value, str) else _NO

@@ -1,6 +1,7 @@
 # The two set-up commands of the README: `make run` and `make test`.
 # Both create .venv (CPU machine: torch comes from the local wheel cache when present),
-# install totobench with every extra, and the offscreen renderer MuJoCo needs.
+# install totobench with every extra, the offscreen renderer MuJoCo needs and a headless Chromium
+# (the leaderboard page is checked in a real browser by the tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export MUJOCO_GL ?= osmesa
@@ -11,9 +12,12 @@ export PYOPENGL_PLATFORM ?= osmesa
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
-	@if ! ldconfig -p 2>/dev/null | grep -q libOSMesa; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libosmesa6 >/dev/null; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq libosmesa6 >/dev/null; fi; fi
+	@missing=""; \
+	ldconfig -p 2>/dev/null | grep -q libOSMesa || missing="$$missing libosmesa6"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $$missing >/dev/null; fi; fi
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"

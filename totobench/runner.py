@@ -26,7 +26,7 @@ from rich.console import Console
 from totobench import __version__, parallel
 from totobench.errors import ConfigError, TotobenchError
 from totobench.io import lock_beside
-from totobench.paths import cache_home
+from totobench.paths import cache_home, portable_path
 from totobench.registry import TASKS
 from totobench.results.schema import build_result, load_result, result_path, safe_name, write_result_atomic
 from totobench.tasks.base import RunContext, Task, TaskConfig, TaskOutput
@@ -107,9 +107,9 @@ def result_document(backbone, task: Task, out: TaskOutput, data_root: Path | Non
     cfg = task.cfg
     model = {"name": backbone.name, "checkpoint_sha256": backbone.sha256, "tokenizer_sha256": backbone.tokenizer_sha256,
              "num_layers": backbone.num_layers, "dim": backbone.dim, "params": backbone.model.num_params(),
-             "path": str(backbone.path) if backbone.path else None}
+             "path": portable_path(backbone.path) if backbone.path else None}
     info = {"name": task.name, "kind": cfg.kind, "dataset_format": cfg.dataset.format,
-            "dataset_root": str(data_root) if data_root else None,
+            "dataset_root": portable_path(data_root) if data_root else None,
             "dataset_fingerprint": out.dataset_fingerprint, "main_metric": cfg.main_metric}
     rows = [{"layer": r.layer, "metrics": r.metrics, "best_hparams": r.best_hparams, "select_score": r.select_score}
             for r in out.per_layer]

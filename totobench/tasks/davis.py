@@ -21,6 +21,7 @@ from totobench.data.preprocess import resize_to
 from totobench.errors import ConfigError, DataError
 from totobench.features.extract import extract_features
 from totobench.probes.base import SOFT_MASKS, ProbeData
+from totobench.paths import portable_path
 from totobench.progress import progress_bar
 from totobench.tasks.base import DatasetSpec, Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Task
 REPORTED = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
@@ -194,7 +195,7 @@ class DavisLabelPropagation(Task):
             rows.append(LayerRow(layer=layer, metrics={k: scores[k] for k in REPORTED}))
         timing["evaluate"] = time.perf_counter() - t0
         facts = {"feature_grid": list(grid), "num_sequences": len(sequences),
-                 "results_dirs": {str(l): str(p) for l, p in layer_dirs.items()}}
+                 "results_dirs": {str(l): portable_path(p) for l, p in layer_dirs.items()}}
         extra = {"skipped": {"val": skipped}, "num_skipped": {"val": len(skipped)}}
         return Evaluation(rows=rows, fingerprint=data.fingerprint(), facts=facts, extra=extra, timing=timing)
 

@@ -27,6 +27,7 @@ import torch
 from totobench.errors import ConfigError
 from totobench.features.extract import extract_features
 from totobench.probes.base import POLICY, ProbeData
+from totobench.paths import portable_path
 from totobench.progress import progress_bar
 from totobench.tasks.base import DatasetSpec, Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Task
 MAX_POOL = 10     # simulators (each with a GL context) stepped in lockstep; more seeds take turns
@@ -225,7 +226,7 @@ class RobotBC(Task):
         t3 = time.perf_counter()
         pool = [RobotEnv(name, s["resolution"], s["camera"], s["action_repeat"]) for _ in range(min(len(seeds), MAX_POOL))]
         run.add_time(demos=t1 - t0, demo_features=t2 - t1, train=t3 - t2, env_setup=time.perf_counter() - t3)
-        run.per_env[name] = {"demos_file": str(path), "num_demos": int(len(lengths)),
+        run.per_env[name] = {"demos_file": portable_path(path), "num_demos": int(len(lengths)),
                              "demo_steps": int(lengths.sum()), "rollout_seeds": seeds, "layers": {}}
         job = progress.add_task(f"{name} rollouts", total=len(ctx.layers) * len(seeds), rate="")
         try:

@@ -33,7 +33,7 @@ from totobench.data.davis import voc_palette
 from totobench.data.video import write_mp4
 from totobench.data.world_content import stream_rng
 from totobench.errors import ConfigError
-from totobench.io import atomic_write_json
+from totobench.io import atomic_write_json, host_tag, writer_gone
 from totobench.progress import progress_bar
 
 
@@ -389,7 +389,7 @@ def _remove_abandoned(out: Path, root: str) -> None:
     """Delete temporary folders of `root` left by generator processes that no longer run."""
     for tmp in out.glob(f".{root}.*-*"):
         pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and (int(pid) == os.getpid() or not Path(f"/proc/{pid}").exists()):
+        if pid.isdigit() and (int(pid) == os.getpid() or writer_gone(host_tag(), int(pid))):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 import torch
 
+from totobench.errors import ConfigError
 from totobench.settings import Settings
 
 # What a probe gives the task to score (a task consumes exactly one kind).
@@ -38,7 +39,6 @@ class ProbeSpec(Settings):
     pooling: str = "mean"
 
     def check(self, where: str) -> None:
-        from totobench.errors import ConfigError
         valid = self.pooling in ("mean", "tokens", "last_frame") or (
             self.pooling.startswith("tokens_pool") and self.pooling[len("tokens_pool"):].isdigit()
             and int(self.pooling[len("tokens_pool"):]) >= 1)

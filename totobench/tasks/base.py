@@ -184,14 +184,6 @@ class Task:
 
     # ------------------------------------------------------------------ the shared steps
     @property
-    def main_metric(self) -> str:
-        return self.cfg.main_metric
-
-    @property
-    def dataset_format(self) -> str:
-        return self.cfg.dataset.format
-
-    @property
     def probe(self) -> Probe:
         return PROBES.get(self.cfg.probe.name)()
 

@@ -81,9 +81,11 @@ def build_task_config(name: str, cfg: dict, path: Path, sources: dict[tuple, str
         fits = [n for n in PROBES.names() if PROBES.get(n).produces == task_cls.consumes]
         raise ConfigError(f"{path}: probe.name {probe_name!r} gives {probe_cls.produces}, but task class "
                           f"{cfg['class']!r} scores {task_cls.consumes} (probes that fit: {', '.join(fits)})")
-    specs = {key: spec_cls.from_mapping(*section(key)[:1], f"{path}: {key}", section(key)[1])
-             for key, spec_cls in (("dataset", task_cls.Dataset), ("input", task_cls.Input),
-                                   ("quick", task_cls.Quick), ("probe", probe_cls.Spec))}
+    specs = {}
+    for key, spec_cls in (("dataset", task_cls.Dataset), ("input", task_cls.Input), ("quick", task_cls.Quick),
+                          ("probe", probe_cls.Spec)):
+        data, key_sources = section(key)
+        specs[key] = spec_cls.from_mapping(data, f"{path}: {key}", key_sources)
     config = TaskConfig(name=name, path=str(path), kind=cfg["class"], description=cfg.get("description", ""),
                         metrics=tuple(cfg.get("metrics") or (cfg["main_metric"],)), main_metric=cfg["main_metric"],
                         seed=cfg.get("seed", 0), batch_size=cfg.get("batch_size", 64),

@@ -27,15 +27,17 @@ $(VENV)/.installed: pyproject.toml
 TB := $(VENV)/bin/totobench
 
 # The default suite on the embedded data world: the bundled model and its random-init baseline,
-# the one-frame control of the Kinetics probe (does the clip carry more than its frames?),
+# the one-frame control of the Kinetics probe (does the clip carry more than its frames?), the
+# raw-pixel floor,
 # then the leaderboard and the layer-sweep comparison (what results/ in the repository holds).
 run: setup
 	$(TB) run --model toto-tiny --tasks all --layers all
 	$(TB) run --model random-init:toto-tiny --tasks all --layers all
 	$(TB) run --model toto-tiny --tasks k400-single-frame --layers all
+	$(TB) run --model pixels --tasks all --layers all
 	$(TB) export results --format md --out results/LEADERBOARD.md
 	$(TB) export results --format html --out results/leaderboard.html
-	$(TB) compare results/toto-tiny results/random-init_toto-tiny --plot results/layer_sweep.png
+	$(TB) compare results/toto-tiny results/random-init_toto-tiny results/pixels --plot results/layer_sweep.png > results/COMPARE.txt
 
 quick: setup
 	$(TB) run --model toto-tiny --tasks all --layers all --quick --out results-quick

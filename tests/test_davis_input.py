@@ -26,7 +26,7 @@ class CellBackbone:
     """Feature of a cell = (tile-local row, tile-local col, global pixel mean of the cell): lets the
     test see which tile each stitched cell came from."""
 
-    class config:  # noqa: N801
+    class inputs:  # noqa: N801
         patch_size = 8
         resolution = 16
 
@@ -36,7 +36,7 @@ class CellBackbone:
         cols = torch.arange(W // 8).float().view(1, -1).expand(H // 8, W // 8)
         means = frames.mean(2).unfold(2, 8, 8).unfold(3, 8, 8).mean((-1, -2))  # [B, T, h, w]
         f = torch.stack([rows.expand(B, T, -1, -1), cols.expand(B, T, -1, -1), means], -1)
-        return [f.reshape(B, T, -1, 3) for _ in layers]
+        return [f for _ in layers]   # [B, T, h, w, 3]
 
 
 def test_tiles_are_stitched_in_place_and_overlaps_averaged():

@@ -114,8 +114,10 @@ def test_other_flags_are_one_line(micro_checkpoint, tmp_path, capsys, flags, wor
 
 
 def test_an_empty_model_spec_is_one_line(tmp_path, capsys):
-    for spec, words in (("", "--model: expected a registered name or a checkpoint folder"),
-                        ("random-init:", "--model 'random-init:': expected a registered name")):
+    for spec, words in (("", "--model: expected a model spec (`totobench ls models`)"),
+                        ("random-init:", "--model 'random-init:': expected a model spec"),
+                        ("timm:", "--model 'timm:': expected timm:ARCH"),
+                        ("random-init:random-init:toto-tiny", "random-init: is given twice")):
         _one_line(capsys, _run("--model", spec, "--tasks", "imagenet", "--out", str(tmp_path)), words)
 
 
@@ -138,7 +140,7 @@ def test_other_subcommands_answer_bad_paths_with_one_line(tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for argv, words in ((["data", "synth", "--out", str(a_file)], "is a file; expected a folder"),
-                        (["info", ""], "model '': expected a registered name"),
+                        (["info", ""], "--model: expected a model spec"),
                         (["export", str(tmp_path / "nowhere"), "--format", "md"], "no such result file or folder")):
         _one_line(capsys, main(argv), words)
 

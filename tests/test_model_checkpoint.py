@@ -10,7 +10,7 @@ import torch
 from totobench.commands.info import cli_info
 from totobench.errors import CheckpointError
 from totobench.model import Toto, TotoConfig
-from totobench.model.backbone import load_checkpoint
+from totobench.model.tokens import load_checkpoint
 from totobench.model.checkpoint import save_checkpoint
 from totobench.model.tokenizer import VisualTokenizer
 
@@ -114,7 +114,7 @@ def test_cli_info_prints_config_params_sha_and_training(saved, capsys):
     assert cli_info(types.SimpleNamespace(checkpoint=str(directory))) == 0
     out = capsys.readouterr().out
     assert sha in out
-    assert f"{model.num_params():,}" in out
+    assert f"{model.num_params(non_embedding=False) - model.output.weight.numel():,}" in out   # head excluded
     assert "mlp_hidden" in out and "final_loss" in out and "2.5" in out
 
 

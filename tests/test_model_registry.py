@@ -6,7 +6,7 @@ import torch
 import totobench.model.backbone as backbone_module
 from totobench.errors import CheckpointError, ConfigError, DataError
 from totobench.model import Toto, TotoConfig, load_backbone
-from totobench.model.backbone import load_checkpoint
+from totobench.model.tokens import load_checkpoint
 from totobench.model.checkpoint import save_checkpoint
 from totobench.model.tokenizer import VisualTokenizer
 
@@ -42,27 +42,27 @@ def test_backbone_from_a_folder(backbone, checkpoint):
 
 def test_tokenize_shape_and_equals_the_tokenizer_per_frame(backbone, frames):
     ids = backbone.tokenize(frames)
-    assert ids.shape == (2, 3, 4) and ids.dtype == torch.long
-    assert torch.equal(ids[1, 2], backbone.tokenizer.encode(frames[1, 2:3]).flatten())
+    assert ids.shape == (2, 3, 2, 2) and ids.dtype == torch.long
+    assert torch.equal(ids[1, 2], backbone.tokenizer.encode(frames[1, 2:3])[0])
 
 
 def test_forward_frames_video_is_one_sequence_after_a_video_start(backbone, frames):
     feats = backbone.forward_frames(frames, [0, -1], kind="video")
-    assert [f.shape for f in feats] == [(2, 3, 4, 32)] * 2
+    assert [f.shape for f in feats] == [(2, 3, 2, 2, 32)] * 2     # [B, T, h, w, D]
     ids = backbone.tokenize(frames)
     seq = torch.cat([torch.full((2, 1), CONFIG.video_start_id), ids.reshape(2, 12)], dim=1)
     with torch.no_grad():
         ref = backbone.model.forward_intermediates(seq, [2])[0]
-    assert torch.equal(feats[1], ref[:, 1:].reshape(2, 3, 4, 32))
+    assert torch.equal(feats[1], ref[:, 1:].reshape(2, 3, 2, 2, 32))   # raster order within a frame
 
 
 def test_forward_frames_images_are_independent_sequences(backbone, frames):
     feats = backbone.forward_frames(frames, [1], kind="image")[0]
     ids = backbone.tokenize(frames)
-    seq = torch.cat([torch.tensor([[CONFIG.image_start_id]]), ids[0, 2:3]], dim=1)   # 2nd clip, 3rd image alone
+    seq = torch.cat([torch.tensor([[CONFIG.image_start_id]]), ids[0, 2].reshape(1, 4)], dim=1)   # 3rd image alone
     with torch.no_grad():
         ref = backbone.model.forward_intermediates(seq, [1])[0]
-    torch.testing.assert_close(feats[0, 2], ref[0, 1:], rtol=0, atol=1e-5)
+    torch.testing.assert_close(feats[0, 2], ref[0, 1:].reshape(2, 2, 32), rtol=0, atol=1e-5)
     # and video features of a later frame do depend on earlier frames
     video = backbone.forward_frames(frames, [1], kind="video")[0]
     assert (video[:, 1:] - feats[:, 1:]).abs().max() > 1e-3
@@ -118,10 +118,10 @@ def test_frames_larger_than_the_model_resolution(backbone):
     """Any multiple of the patch size is read: 24 x 32 px -> a 3 x 4 token grid, raster order."""
     big = torch.rand(1, 2, 3, 24, 32, generator=torch.Generator().manual_seed(2))
     ids = backbone.tokenize(big)
-    assert ids.shape == (1, 2, 12)
-    assert torch.equal(ids[0, 1], backbone.tokenizer.encode(big[0, 1:]).flatten())
+    assert ids.shape == (1, 2, 3, 4)
+    assert torch.equal(ids[0, 1], backbone.tokenizer.encode(big[0, 1:])[0])
     feats = backbone.forward_frames(big, [0, -1], kind="image")
-    assert [tuple(f.shape) for f in feats] == [(1, 2, 12, CONFIG.dim)] * 2
+    assert [tuple(f.shape) for f in feats] == [(1, 2, 3, 4, CONFIG.dim)] * 2
 
 
 def test_a_retrained_tokenizer_changes_the_feature_identity(checkpoint, tmp_path):
@@ -140,8 +140,9 @@ def test_a_retrained_tokenizer_changes_the_feature_identity(checkpoint, tmp_path
 
 def test_family_prefix_picks_the_registered_loader(backbone, checkpoint):
     from totobench.registry import MODELS
-    assert MODELS.get("checkpoint") is backbone_module.load_checkpoint_backbone
-    assert MODELS.get("random-init") is backbone_module.load_random_init_backbone
+    from totobench.model import tokens
+    assert MODELS.get("checkpoint") is tokens.load_checkpoint_backbone
+    assert MODELS.get("random-init") is tokens.load_random_init_backbone
     explicit = load_backbone(f"checkpoint:{checkpoint}")
     assert (explicit.name, explicit.sha256, explicit.path) == (backbone.name, backbone.sha256, checkpoint)
 

@@ -99,7 +99,7 @@ def test_rollouts_stop_at_success_and_keep_history():
 
 
 class FakeBackbone:
-    class config:
+    class inputs:  # noqa: N801
         resolution = 64
 
 

@@ -15,12 +15,17 @@ from totobench import __version__
 from totobench.errors import TotobenchError
 
 
+MODEL_HELP = ("toto-tiny, a checkpoint folder, preset:NAME, llama:DIR, timm:ARCH[@FILE], hf:DIR, pixels, "
+              "or random-init:SPEC of any of them (see `totobench ls models`)")
+TOKENIZER_HELP = "dvae:FILE (the DALL-E dVAE encoder) or vqvae:DIR, for models over visual tokens"
+
+
 def _add_run(sub):
     p = sub.add_parser("run", help="evaluate a model on tasks, at every requested layer",
                        description="Evaluate a frozen model on tasks at every requested layer and "
                                    "write one result file per (model, task).")
-    p.add_argument("--model", required=True, help="checkpoint folder, or a registered name "
-                   "(toto-tiny, random-init:toto-tiny; see `totobench ls models`)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP + " (default: the model's own)")
     p.add_argument("--tasks", required=True, help="comma-separated task names, or `all`")
     p.add_argument("--layers", default="all", help="`all`, START:STOP:STEP, or a list i,j,-1 "
                    "(layer i = residual stream after block i, 0-based; negatives count from the end)")
@@ -47,9 +52,18 @@ def _add_ls(sub):
 
 
 def _add_info(sub):
-    p = sub.add_parser("info", help="print a checkpoint's config, size, sha256 and training facts")
-    p.add_argument("checkpoint", help="checkpoint folder or registered model name")
+    p = sub.add_parser("info", help="print a model's layers, width, parameters, token grid and tokenizer")
+    p.add_argument("checkpoint", metavar="SPEC", help=MODEL_HELP)
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP)
     p.set_defaults(handler="totobench.commands.info:cli_info")
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert a model file to safetensors (loads later without pickles)")
+    p.add_argument("what", choices=["dvae"], help="what the file is: dvae (the DALL-E dVAE encoder.pkl)")
+    p.add_argument("file", help="the file to convert")
+    p.add_argument("--out", help="output .safetensors (default: FILE with the suffix .safetensors)")
+    p.set_defaults(handler="totobench.commands.convert:cli_convert")
 
 
 def _add_data(sub):
@@ -131,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_run, _add_ls, _add_info, _add_data, _add_pretrain, _add_export,
+    for add in (_add_run, _add_ls, _add_info, _add_convert, _add_data, _add_pretrain, _add_export,
                 _add_compare, _add_validate, _add_davis_eval, _add_sta_eval):
         add(sub)
     return parser

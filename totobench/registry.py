@@ -118,9 +118,30 @@ PROBES.register("bc_mlp", "totobench.probes.bc_policy:BcMlpProbe",
 
 # Model families of a `--model SPEC`: "FAMILY:REST" picks a family; a spec without a registered
 # prefix is a bundled name or a checkpoint folder (family "checkpoint"). Each target is a loader
-# `load(rest: str, device) -> Backbone`.
+# `load(rest: str, *, device, tokenizer, random_init) -> Backbone` (totobench.model.backbone).
 MODELS = Registry("model family")
-MODELS.register("checkpoint", "totobench.model.backbone:load_checkpoint_backbone",
-                "a totobench checkpoint folder or a bundled name (toto-tiny)")
-MODELS.register("random-init", "totobench.model.backbone:load_random_init_backbone",
-                "the same architecture and tokenizer, seed-0 random weights (a baseline)")
+MODELS.register("checkpoint", "totobench.model.tokens:load_checkpoint_backbone",
+                "NAME or DIR: a totobench checkpoint folder or a bundled name (toto-tiny)")
+MODELS.register("random-init", "totobench.model.tokens:load_random_init_backbone",
+                "random-init:SPEC: any spec below with seed-0 random weights (a baseline)")
+MODELS.register("preset", "totobench.model.tokens:load_preset_backbone",
+                "preset:NAME: the paper's toto-base, toto-large, toto-1b (or toto-tiny), random weights "
+                "and a random tokenizer of the preset's vocabulary")
+MODELS.register("llama", "totobench.model.llama:load_llama_backbone",
+                "llama:DIR with --tokenizer: a transformers Llama (LlamaForCausalLM or LlamaModel) over "
+                "visual tokens; layout from DIR/totobench.json")
+MODELS.register("timm", "totobench.model.vision:load_timm_backbone",
+                "timm:ARCH (random init) or timm:ARCH@FILE (weights from a local .safetensors/.pth/.bin)")
+MODELS.register("hf", "totobench.model.vision:load_hf_backbone",
+                "hf:DIR: a transformers vision model folder (ViT, DINOv2, VideoMAE, V-JEPA 2, ...)")
+MODELS.register("pixels", "totobench.model.pixels:load_pixels_backbone",
+                "pixels or pixels:patch=8,resolution=64,frames=8,stride=4: raw patch pixels as "
+                "tokens, one layer (the floor of every table)")
+
+# Tokenizers of a `--tokenizer SPEC` ("FAMILY:PATH"): `load(rest: str, *, device) -> tokenizer` with
+# encode(frames [N, 3, H, W] in [0, 1]) -> codes [N, H/8, W/8] (totobench.model.backbone.load_tokenizer).
+TOKENIZERS = Registry("tokenizer family")
+TOKENIZERS.register("dvae", "totobench.model.dvae:load_dvae_tokenizer",
+                    "dvae:FILE: the DALL-E dVAE encoder (official encoder.pkl, a state dict or safetensors)")
+TOKENIZERS.register("vqvae", "totobench.model.tokens:load_vqvae_tokenizer",
+                    "vqvae:DIR: a totobench VQ-VAE tokenizer folder (config.json + model.safetensors)")

@@ -106,8 +106,10 @@ def result_document(backbone, task: Task, out: TaskOutput, data_root: Path | Non
     """The result document of one task run (built by results.schema.build_result)."""
     cfg = task.cfg
     model = {"name": backbone.name, "checkpoint_sha256": backbone.sha256, "tokenizer_sha256": backbone.tokenizer_sha256,
-             "num_layers": backbone.num_layers, "dim": backbone.dim, "params": backbone.model.num_params(),
-             "path": portable_path(backbone.path) if backbone.path else None}
+             "num_layers": backbone.num_layers, "dim": backbone.dim, "params": backbone.params,
+             "path": portable_path(backbone.path) if backbone.path else None, "family": backbone.family,
+             "num_heads": backbone.num_heads, "tokenizer": backbone.tokenizer_name,
+             "inputs": backbone.inputs.as_dict(), "notes": list(backbone.notes)}
     info = {"name": task.name, "kind": cfg.kind, "dataset_format": cfg.dataset.format,
             "dataset_root": portable_path(data_root) if data_root else None,
             "dataset_fingerprint": out.dataset_fingerprint, "main_metric": cfg.main_metric}
@@ -146,7 +148,7 @@ def _serve_as_worker(args, device: torch.device) -> int:
         try:
             for name in resolve_task_names(args.tasks):
                 load_task_config(name, args.overrides)
-            backbone = load_backbone(args.model, device=device)
+            backbone = load_backbone(args.model, tokenizer=getattr(args, "tokenizer", None), device=device)
             parse_layers(args.layers, backbone.num_layers)
         except TotobenchError:
             return 2  # rank 0 fails the same way and says why
@@ -170,11 +172,13 @@ def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> i
     out_dir = Path(args.out)
     _check_writable(out_dir)
     t_load = time.perf_counter()
-    backbone = load_backbone(args.model, device=device)
+    backbone = load_backbone(args.model, tokenizer=getattr(args, "tokenizer", None), device=device)
     layers = parse_layers(args.layers, backbone.num_layers)
     load_s = time.perf_counter() - t_load
-    console.print(f"[bold]{backbone.name}[/] ({backbone.num_layers} layers, dim {backbone.dim}, "
+    console.print(f"[bold]{backbone.name}[/] ({backbone.family}, {backbone.num_layers} layers, dim {backbone.dim}, "
                   f"sha256 {backbone.sha256[:12]}) - layers {layers} - tasks {', '.join(c.name for c in configs)}")
+    for note in backbone.notes:
+        console.print(f"[dim]{backbone.name}: {note}[/]")
     tmp_cache = tempfile.TemporaryDirectory(prefix="totobench-features-") if args.no_cache else None
     if parallel.info().active:
         parallel.broadcast_object(tmp_cache.name if tmp_cache else None)  # pairs with the workers' handshake

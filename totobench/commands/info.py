@@ -1,61 +1,56 @@
-"""`totobench info SPEC`: a checkpoint's config, parameter count, sha256 and training facts."""
+"""`totobench info SPEC`: what a model is - family, layers, width, parameters, FLOPs, token grid,
+tokenizer - and, for a totobench checkpoint, its config and training facts."""
 
 from __future__ import annotations
 
 import json
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from totobench.errors import ConfigError
-from totobench.model import Toto, load_backbone
-from totobench.model.backbone import resolve_checkpoint, split_spec
-from totobench.model.checkpoint import file_sha256, read_config, read_training
+from totobench.model import load_backbone
+from totobench.model.backbone import RANDOM_INIT, split_spec
+from totobench.model.checkpoint import read_training
 
 
 def cli_info(args) -> int:
-    """Print what `args.checkpoint` (a checkpoint folder, a registered name or random-init:NAME)
-    is: config, parameter count, sha256 of the weights, tokenizer and training facts."""
-    name = args.checkpoint
-    family, rest = split_spec(name)
-    if family not in ("checkpoint", "random-init"):
-        raise ConfigError(f"totobench info describes totobench checkpoints; {name!r} is a {family} model")
-    backbone = load_backbone(name) if family == "random-init" else None
-    directory = resolve_checkpoint(rest)
-    config = read_config(directory)
-    with torch.device("meta"):
-        meta = Toto(config)
-    sha = backbone.sha256 if backbone else file_sha256(directory / "model.safetensors")
-
+    """Print what `args.checkpoint` (any model spec) is; preset:NAME is built on the meta device."""
+    spec = args.checkpoint
+    family, _ = split_spec(spec.removeprefix(RANDOM_INIT))
+    device = "meta" if family == "preset" else "cpu"
+    backbone = load_backbone(spec, tokenizer=getattr(args, "tokenizer", None), device=device)
+    d = backbone.describe()
     console = Console()
-    console.print(f"[bold]{name}[/bold]  ({directory})")
-    if backbone:
-        console.print("weights: random (torch.manual_seed(0)); config and tokenizer from the checkpoint; "
-                      "sha256 below is of those random weights serialised as model.safetensors")
-    console.print(f"parameters: {meta.num_params():,} (+ {meta.tok_embeddings.weight.numel():,} in the "
-                  f"input embedding table = {meta.num_params(non_embedding=False):,})")
-    console.print(f"sha256: {sha}", soft_wrap=True)
-
-    table = Table(title="config", show_header=False)
-    for k, v in config.to_dict().items():
-        table.add_row(k, str(v))
-    table.add_row("tokens_per_frame", str(config.tokens_per_frame))
+    console.print(f"[bold]{backbone.name}[/bold]  ({backbone.family}{', ' + str(backbone.path) if backbone.path else ''})")
+    table = Table(show_header=False)
+    rows = [("layers", d["num_layers"]), ("width", d["dim"]), ("heads", d["num_heads"]),
+            ("parameters", f"{d['params']:,}"), ("forward FLOPs per token", f"{backbone.flops_per_token():,}"),
+            ("token grid (T', h, w) of a default input", d["token_grid"]),
+            ("input", ", ".join(f"{k}={v}" for k, v in d["inputs"].items()))]
+    for key, value in rows:
+        table.add_row(key, str(value))
     console.print(table)
-
-    tok_cfg = directory / "tokenizer" / "config.json"
-    if tok_cfg.is_file():
-        tok = json.loads(tok_cfg.read_text())
-        console.print("tokenizer: " + ", ".join(f"{k}={v}" for k, v in tok.items()), soft_wrap=True)
-    else:
-        console.print("tokenizer: [yellow]none[/yellow] (no tokenizer/ folder)")
-
-    training = read_training(directory)
-    if training and not backbone:
-        table = Table(title="training", show_header=False)
-        for k, v in training.items():
-            table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    console.print(f"tokenizer: {d['tokenizer'] or 'none (reads pixels)'}", soft_wrap=True)
+    console.print(f"sha256: {backbone.sha256}", soft_wrap=True)
+    if backbone.tokenizer_sha256:
+        console.print(f"tokenizer sha256: {backbone.tokenizer_sha256}", soft_wrap=True)
+    for note in d["notes"]:
+        console.print(f"note: {note}", soft_wrap=True)
+    config = getattr(backbone, "config", None)
+    if config is not None:
+        table = Table(title="config", show_header=False)
+        for k, v in config.to_dict().items():
+            table.add_row(k, str(v))
         console.print(table)
-    elif not backbone:
-        console.print("training: [yellow]no training.json[/yellow]")
+    if backbone.family == "checkpoint" and backbone.path is not None:
+        training = read_training(backbone.path)
+        if training:
+            table = Table(title="training", show_header=False)
+            for k, v in training.items():
+                table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+            console.print(table)
+        else:
+            console.print("training: [yellow]no training.json[/yellow]")
+    elif spec.startswith(RANDOM_INIT):
+        console.print("weights: random (torch.manual_seed(0)); sha256 is of those random weights")
     return 0

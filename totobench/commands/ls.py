@@ -27,8 +27,16 @@ def cli_ls(args) -> int:
         console.print(table)
     elif args.what == "models":
         from totobench.model import list_models
+        from totobench.registry import MODELS, TOKENIZERS
+        console.print("[bold]model families[/] (--model FAMILY:...):")
+        for family in MODELS.names():
+            console.print(f"  [bold]{family}[/]: {MODELS.description(family)}")
+        console.print("[bold]tokenizers[/] (--tokenizer FAMILY:PATH):")
+        for family in TOKENIZERS.names():
+            console.print(f"  [bold]{family}[/]: {TOKENIZERS.description(family)}")
+        console.print("[bold]names[/]:")
         for name in list_models():
-            console.print(name)
+            console.print(f"  {name}")
     else:
         for name in PROBES.names():
             console.print(f"[bold]{name}[/]: {PROBES.description(name)}")

@@ -58,7 +58,7 @@ def collate_indexed(samples: list[dict]) -> dict:
 @torch.inference_mode()
 def iterate_layer_tokens(backbone, loader: DataLoader, layers: list[int], kind: str,
                          device: torch.device) -> Iterator[tuple[dict[int, torch.Tensor], dict]]:
-    """Yield ({layer: tokens [B, T, h*w, D] float32 on device}, batch) per batch of a loader
+    """Yield ({layer: token grids [B, T', h, w, D] float32 on device}, batch) per batch of a loader
     using `collate_indexed`; one backbone forward per batch for all layers. Batches whose items
     all failed to decode yield an empty dict of tokens."""
     for batch in loader:
@@ -71,19 +71,19 @@ def iterate_layer_tokens(backbone, loader: DataLoader, layers: list[int], kind: 
 
 
 def pool_tokens(tokens: torch.Tensor, pooling: str) -> torch.Tensor:
-    """[B, T, h*w, D] -> "mean": [B, D]; "tokens": [B, T*h*w, D]; "last_frame": [B, h*w, D] of the last frame; "tokens_pool{k}": each frame's
-    token grid average-pooled k x k first, [B, T*(h/k)*(w/k), D] (fewer tokens for attentive probes)."""
+    """Token grids [B, T, h, w, D] -> "mean": [B, D]; "tokens": [B, T*h*w, D] (raster order, frame
+    after frame); "last_frame": [B, h*w, D] of the last frame; "tokens_pool{k}": each frame's grid
+    average-pooled k x k first, [B, T*(h/k)*(w/k), D] (fewer tokens for attentive probes)."""
     if pooling == "mean":
-        return tokens.mean(dim=(1, 2))
+        return tokens.mean(dim=(1, 2, 3))
     if pooling == "tokens":
-        return tokens.flatten(1, 2)
+        return tokens.flatten(1, 3)
     if pooling == "last_frame":
-        return tokens[:, -1]
+        return tokens[:, -1].flatten(1, 2)
     if pooling.startswith("tokens_pool"):
         k = int(pooling.removeprefix("tokens_pool"))
-        b, t, n, d = tokens.shape
-        side = int(round(n ** 0.5))
-        grid = tokens.reshape(b * t, side, side, d).permute(0, 3, 1, 2)
+        b, t, h, w, d = tokens.shape
+        grid = tokens.reshape(b * t, h, w, d).permute(0, 3, 1, 2)
         pooled = torch.nn.functional.avg_pool2d(grid, k)
         return pooled.permute(0, 2, 3, 1).reshape(b, -1, d)
     raise ValueError(f"unknown pooling {pooling!r} (expected 'mean', 'tokens' or 'tokens_pool<k>')")

@@ -1,112 +1,170 @@
-"""Backbones: what `--model SPEC` resolves to, loaded and ready to give features.
+"""Backbones: what `--model SPEC` resolves to, one contract for every model family.
 
-    backbone = load_backbone("toto-tiny")              # checkpoints/toto-tiny
-    backbone = load_backbone("random-init:toto-tiny")  # same config + tokenizer, seed-0 random weights
-    backbone = load_backbone("/path/to/checkpoint")    # any checkpoint folder
-    feats = backbone.forward_frames(frames, layers=[0, -1], kind="video")   # 2 x [B, T, h*w, D]
+    backbone = load_backbone("toto-tiny")                          # checkpoints/toto-tiny
+    backbone = load_backbone("random-init:toto-tiny")              # same shape + tokenizer, seed-0 weights
+    backbone = load_backbone("llama:DIR", tokenizer="dvae:encoder.pkl")
+    backbone = load_backbone("timm:vit_small_patch16_224")         # random init, never a download
+    feats = backbone.forward_frames(frames, layers=[0, -1], kind="video")   # 2 x [B, T', h, w, D]
 
 A SPEC is "FAMILY:REST" when FAMILY is a model family of `totobench.registry.MODELS`, else a
 bundled name or a checkpoint folder (family "checkpoint"). Each family is a loader
-`load(rest, device) -> Backbone`; the two of this module are registered there.
+`load(rest, device, tokenizer, random_init) -> Backbone`. A tokenizer SPEC ("dvae:FILE",
+"vqvae:DIR") goes through `load_tokenizer`, dispatched on `totobench.registry.TOKENIZERS`.
+
+Every family implements `Backbone._forward`; the base class checks the frames, the kind and the
+layers, and the shape of what comes back. Layer i is the output of block i before any final norm.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from totobench.errors import CheckpointError, ConfigError, DataError
-from totobench.model.checkpoint import (load_tokenizer, read_config, read_training, read_weights,
-                                         sha256_bytes, weights_bytes)
-from totobench.model.config import TotoConfig
-from totobench.model.tokenizer import VisualTokenizer
-from totobench.model.toto import Toto
+from totobench.errors import ConfigError, DataError
+from totobench.model.config import resolve_layers
 from totobench.paths import checkpoints_dir
-from totobench.registry import MODELS, did_you_mean
+from totobench.registry import MODELS, TOKENIZERS, did_you_mean
 
+KINDS = ("image", "video")
 RANDOM_INIT = "random-init:"
-BUNDLED = ("toto-tiny",)          # names that always resolve to checkpoints/<name>
-ENCODE_BATCH = 256                # frames per tokenizer call, to bound the conv activations' memory
+# The clip of the paper's video tasks (16 frames, every 4th): the default clip of a model that does not
+# define one (image models read its frames one by one; VideoMAE-style models have no stride of their own)
+PAPER_CLIP = {"num_frames": 16, "frame_stride": 4}
 
 
-@dataclass
+@dataclass(frozen=True)
+class ModelInputs:
+    """The frames a backbone reads; a task's `input:` values left null are taken from here."""
+    resolution: int               # the square frame size it was trained at (pixels)
+    patch_size: int               # pixels per token side: h = H / patch_size
+    num_frames: int = 1           # clip length of a video task
+    frame_stride: int = 1         # every k-th frame of the video
+    tubelet: int = 1              # frames per token in time: T' = T / tubelet (video models)
+    fixed_size: bool = False      # True: only resolution x resolution frames (fixed position table)
+    fixed_frames: bool = False    # True: a video clip must have exactly num_frames frames
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
 class Backbone:
+    """One model, frozen, ready to give per-layer token grids.
+
+    A family sets the attributes below in its constructor and implements `_forward`.
+    `sha256` identifies the weights (and `tokenizer_sha256` the tokenizer's): cached features
+    are keyed by both (`features_id`)."""
+
+    family: str = ""
     name: str
-    model: Toto
-    tokenizer: VisualTokenizer
+    num_layers: int
+    dim: int
+    num_heads: int | None
+    params: int
+    inputs: ModelInputs
     sha256: str
-    path: Path | None
     tokenizer_sha256: str = ""
+    tokenizer_name: str | None = None     # the tokenizer spec, for token models
+    path: Path | None = None
+    notes: tuple[str, ...] = ()           # how the family reads frames, for `info` and the result
 
-    @property
-    def features_id(self) -> str:
-        """What features depend on: the transformer's weights and the tokenizer's (a retrained
-        tokenizer with unchanged transformer weights must never reuse cached features)."""
-        return self.sha256 if not self.tokenizer_sha256 else f"{self.sha256}+tok:{self.tokenizer_sha256}"
-
-    @property
-    def config(self) -> TotoConfig:
-        return self.model.config
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.config.n_layers
-
-    @property
-    def dim(self) -> int:
-        return self.model.config.dim
+    # ------------------------------------------------------------------ what each family supplies
+    def _forward(self, frames: torch.Tensor, layers: list[int], kind: str) -> list[torch.Tensor]:
+        """frames [B, T, 3, H, W] in [0, 1] on self.device, checked; layers non-negative, checked
+        -> one [B, T', h, w, D] float tensor per layer."""
+        raise NotImplementedError
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        raise NotImplementedError
 
-    def _check_frames(self, frames: torch.Tensor) -> None:
-        """Frames of any size whose sides are multiples of the patch size: the tokenizer is
-        convolutional and RoPE positions extend, so a model trained at config.resolution also reads
-        larger frames (the paper evaluates DAVIS at a higher resolution than it pre-trains at)."""
-        p = self.config.patch_size
-        if (frames.ndim != 5 or frames.shape[2] != 3 or frames.shape[3] % p or frames.shape[4] % p
-                or frames.shape[3] == 0 or frames.shape[4] == 0):
-            r = self.config.resolution
+    def token_grid(self, frames: int, height: int, width: int, kind: str = "video") -> tuple[int, int, int]:
+        """(T', h, w) of the features of `frames` frames of height x width pixels."""
+        p, t = self.inputs.patch_size, self.inputs.tubelet
+        return (frames if kind == "image" or t == 1 else frames // t, height // p, width // p)
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def features_id(self) -> str:
+        """What features depend on: the weights and the tokenizer's (a retrained tokenizer with
+        unchanged transformer weights must never reuse cached features)."""
+        return self.sha256 if not self.tokenizer_sha256 else f"{self.sha256}+tok:{self.tokenizer_sha256}"
+
+    def resolve_layers(self, layers) -> list[int]:
+        """Layer indices (negatives count from the end) -> non-negative indices, same order.
+        Raises ConfigError naming the valid range for an index out of range."""
+        return resolve_layers(layers, self.num_layers)
+
+    def check_frames(self, frames: torch.Tensor, kind: str) -> None:
+        """DataError unless frames are [B, T, 3, H, W] with sides this model reads."""
+        p, r = self.inputs.patch_size, self.inputs.resolution
+        ok = (frames.ndim == 5 and frames.shape[2] == 3 and frames.shape[3] > 0 and frames.shape[4] > 0
+              and not frames.shape[3] % p and not frames.shape[4] % p)
+        if not ok:
             raise DataError(f"{self.name}: frames must be [B, T, 3, H, W] in [0, 1] with H and W "
                             f"multiples of the patch size {p} (the model's resolution is {r}), "
                             f"got {list(frames.shape)}")
+        if self.inputs.fixed_size and tuple(frames.shape[3:]) != (r, r):
+            raise DataError(f"{self.name}: reads {r}x{r} frames only (a fixed position table), got "
+                            f"{frames.shape[3]}x{frames.shape[4]}; set input.resolution to {r}")
+        t = self.inputs.tubelet
+        if kind == "video" and self.inputs.fixed_frames and frames.shape[1] != self.inputs.num_frames:
+            raise DataError(f"{self.name}: reads clips of exactly {self.inputs.num_frames} frames, got "
+                            f"{frames.shape[1]}; set input.frames to {self.inputs.num_frames}")
+        if kind == "video" and frames.shape[1] % t:
+            raise DataError(f"{self.name}: a clip must have a multiple of {t} frames (its tubelet), "
+                            f"got {frames.shape[1]}")
 
     @torch.no_grad()
-    def tokenize(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames FloatTensor [B, T, 3, H, W] in [0, 1], H and W multiples of the patch size
-        (usually H = W = config.resolution) -> LongTensor [B, T, h*w] of codebook ids, h = H / patch,
-        raster order. Each frame is tokenized alone."""
-        self._check_frames(frames)
-        B, T = frames.shape[:2]
-        flat = frames.reshape(B * T, *frames.shape[2:]).to(self.device, torch.float32)
-        ids = torch.cat([self.tokenizer.encode(chunk) for chunk in flat.split(ENCODE_BATCH)])
-        return ids.reshape(B, T, -1)
-
-    @torch.no_grad()
-    def forward_frames(self, frames: torch.Tensor, layers: list[int], kind: str) -> list[torch.Tensor]:
-        """Features of every frame token at each requested layer, fp32.
-
-        frames [B, T, 3, H, W] in [0, 1]. kind="video": one sequence per clip,
-        [video_start, frame 0 tokens, ..., frame T-1 tokens]. kind="image": every image is its own
-        sequence [image_start, image tokens], so images never see each other. One transformer pass;
-        the start token's output is dropped. Returns one [B, T, h*w, D] tensor per layer, in the
-        order of `layers` (negative indices count from the end).
-        Raises ConfigError for a bad kind or layer, DataError for frames of the wrong shape.
-        """
-        if kind not in ("image", "video"):
+    def forward_frames(self, frames: torch.Tensor, layers, kind: str) -> list[torch.Tensor]:
+        """Features of every token at each requested layer: frames [B, T, 3, H, W] in [0, 1]
+        -> one [B, T', h, w, D] fp32 tensor per layer, in the order of `layers` (negative indices
+        count from the end), from one forward pass. kind="image": every frame is read alone
+        (T' = T); kind="video": a clip is read as one sequence (T' = T / tubelet).
+        Raises ConfigError for a bad kind or layer, DataError for frames this model cannot read."""
+        if kind not in KINDS:
             raise ConfigError(f"kind must be 'image' or 'video', got {kind!r}")
-        ids = self.tokenize(frames)                                     # [B, T, hw]
-        B, T, hw = ids.shape
-        if kind == "image":
-            sequences, start = ids.reshape(B * T, hw), self.config.image_start_id
-        else:
-            sequences, start = ids.reshape(B, T * hw), self.config.video_start_id
-        starts = torch.full((sequences.shape[0], 1), start, dtype=torch.long, device=ids.device)
-        feats = self.model.forward_intermediates(torch.cat([starts, sequences], dim=1), layers)
-        return [f[:, 1:].reshape(B, T, hw, -1) for f in feats]
+        take = self.resolve_layers(layers)
+        self.check_frames(frames, kind)
+        frames = frames.to(self.device, torch.float32)
+        out = self._forward(frames, take, kind)
+        grid = (frames.shape[0], *self.token_grid(frames.shape[1], frames.shape[3], frames.shape[4], kind), self.dim)
+        for f in out:
+            if tuple(f.shape) != grid:
+                raise RuntimeError(f"{self.name}: {type(self).__name__}._forward gave {list(f.shape)}, "
+                                   f"expected {list(grid)}")
+        return [f.float() for f in out]
+
+    def flops_per_token(self) -> int:
+        """Forward FLOPs (2 x multiply-accumulates) per output token of one default input: a clip
+        of inputs.num_frames frames at inputs.resolution through every layer, counted by
+        totobench.model.flops.count_flops."""
+        from totobench.model.flops import count_flops
+        i = self.inputs
+        kind = "video" if i.num_frames > 1 else "image"
+        frames = torch.zeros(1, i.num_frames, 3, i.resolution, i.resolution, device=self.device)
+        flops = count_flops(lambda: self._forward(frames, list(range(self.num_layers)), kind))
+        t, h, w = self.token_grid(i.num_frames, i.resolution, i.resolution, kind)
+        return round(flops / (t * h * w))
+
+    def describe(self) -> dict[str, Any]:
+        """What `totobench info` prints and a result records of the model."""
+        r = self.inputs.resolution
+        return {"name": self.name, "family": self.family, "num_layers": self.num_layers, "dim": self.dim,
+                "num_heads": self.num_heads, "params": self.params, "tokenizer": self.tokenizer_name,
+                "inputs": self.inputs.as_dict(),
+                "token_grid": list(self.token_grid(self.inputs.num_frames, r, r)),
+                "notes": list(self.notes)}
+
+
+def num_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------- names and loaders
+BUNDLED = ("toto-tiny",)          # names that always resolve to checkpoints/<name>
 
 
 def list_models() -> list[str]:
@@ -125,13 +183,61 @@ def split_spec(spec: str) -> tuple[str, str]:
     family, sep, rest = spec.partition(":")
     if sep and family in MODELS:
         return family, rest
+    if spec in MODELS:   # a family that needs nothing after it: "pixels"
+        return spec, ""
     return "checkpoint", spec
+
+
+def load_backbone(spec: str, tokenizer=None, device: str = "cpu") -> Backbone:
+    """A frozen (eval, no grad) backbone. `spec`: "FAMILY:REST" for a family registered in MODELS
+    ("llama:DIR", "timm:ARCH", "hf:DIR", "preset:NAME", "random-init:SPEC", "pixels", ...), a
+    registered name (see list_models()) or a checkpoint folder. `tokenizer`: a tokenizer spec or
+    object for the families over visual tokens (None: the model's own, where it has one).
+    Raises ConfigError for an unknown name, CheckpointError for a bad folder or file."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError("--model: expected a model spec (`totobench ls models`), got ''")
+    random_init = spec.startswith(RANDOM_INIT)
+    inner = spec[len(RANDOM_INIT):] if random_init else spec
+    if random_init and inner.startswith(RANDOM_INIT):
+        raise ConfigError(f"--model {spec!r}: random-init: is given twice")
+    family, rest = split_spec(inner)
+    if family == "pixels" or (family != "checkpoint" and rest.strip()) or (family == "checkpoint" and inner.strip()):
+        load = MODELS.get(family)
+    else:
+        raise ConfigError(f"--model {spec!r}: expected {MODELS.description(family)}" if family != "checkpoint"
+                          else f"--model {spec!r}: expected a model spec (`totobench ls models`)")
+    # building modules draws random numbers: not the caller's; and a model without weights (random-init:,
+    # timm:ARCH, preset:) gets the same ones in every process, so its cached features are reused
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        backbone = load(rest, device=device, tokenizer=tokenizer, random_init=random_init)
+    if random_init:
+        backbone.name = RANDOM_INIT + backbone.name
+        backbone.path = None
+    return backbone
+
+
+def load_tokenizer(spec, device: str = "cpu"):
+    """A tokenizer: `encode(frames [N, 3, H, W] floats in [0, 1]) -> codes [N, H/8, W/8]` (long),
+    with `codebook_size`, `downsample`, `name` and `sha256`. `spec`: "dvae:FILE" (the DALL-E dVAE
+    encoder: its official encoder.pkl, a state dict or a safetensors file) or "vqvae:DIR" (a
+    totobench tokenizer folder). An object that already has `encode` is returned as it is."""
+    if spec is None or (not isinstance(spec, str) and hasattr(spec, "encode")):
+        return spec
+    family, sep, rest = str(spec).partition(":")
+    if not sep or family not in TOKENIZERS:
+        raise ConfigError(f"--tokenizer {spec!r}: expected FAMILY:PATH with FAMILY one of "
+                          f"{', '.join(TOKENIZERS.names())}{did_you_mean(family, TOKENIZERS.names())}")
+    if not rest.strip():
+        raise ConfigError(f"--tokenizer {spec!r}: expected a path after {family + ':'!r}")
+    return TOKENIZERS.get(family)(rest, device=device)
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
     """A registered name or a checkpoint folder path -> the folder.
     Raises ConfigError with the closest name for an unknown one, CheckpointError if a registered
     checkpoint has not been produced yet."""
+    from totobench.errors import CheckpointError
     if not name_or_path.strip():
         raise ConfigError("model '': expected a registered name or a checkpoint folder")
     registered = [n for n in list_models() if not n.startswith(RANDOM_INIT)]
@@ -150,65 +256,4 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     if sep and "/" not in family:
         raise ConfigError(f"unknown model family {family!r} in {name_or_path!r}{did_you_mean(family, MODELS.names())}")
     raise ConfigError(f"unknown model {name_or_path!r}{did_you_mean(name_or_path, list_models())} "
-                      f"(or give a checkpoint folder)")
-
-
-def load_backbone(spec: str, device: str = "cpu") -> Backbone:
-    """A frozen (eval, no grad) backbone with its tokenizer. `spec`: "FAMILY:REST" for a family
-    registered in MODELS (e.g. "random-init:toto-tiny"), a registered name (see list_models()) or a
-    checkpoint folder. Raises ConfigError for an unknown name, CheckpointError for a bad folder."""
-    family, rest = split_spec(spec)
-    if not rest.strip():
-        raise ConfigError(f"--model {spec!r}: expected a registered name or a checkpoint folder after {family!r}"
-                          if ":" in spec else "--model: expected a registered name or a checkpoint folder, got ''")
-    load = MODELS.get(family)
-    with torch.random.fork_rng(devices=[]):   # building modules draws random numbers: not the caller's
-        return load(rest, device)
-
-
-def load_checkpoint(directory, device: str = "cpu") -> tuple[Toto, VisualTokenizer | None, str, dict]:
-    """A checkpoint folder -> (Toto in eval mode, its tokenizer or None, sha256 of model.safetensors,
-    training.json as a dict). Raises CheckpointError naming the file for anything missing, corrupt
-    or mismatched."""
-    config = read_config(directory)
-    model = Toto(config)
-    weights, sha = read_weights(directory, model.state_dict())
-    model.load_state_dict(weights)
-    return model.to(device).eval(), load_tokenizer(directory, config, device), sha, read_training(directory)
-
-
-def load_checkpoint_backbone(name_or_path: str, device: str) -> Backbone:
-    """Family "checkpoint": a registered name or a checkpoint folder, as trained."""
-    path = resolve_checkpoint(name_or_path)
-    model, tokenizer, sha, _ = load_checkpoint(path, device)
-    return _frozen(_name(name_or_path, path), model, tokenizer, path, sha, device)
-
-
-def load_random_init_backbone(name_or_path: str, device: str) -> Backbone:
-    """Family "random-init": the config and tokenizer of a checkpoint, weights from torch.manual_seed(0)."""
-    path = resolve_checkpoint(name_or_path)
-    config = read_config(path)
-    torch.manual_seed(0)
-    model = Toto(config)
-    tokenizer = load_tokenizer(path, config, device)
-    sha = sha256_bytes(weights_bytes(model.state_dict()))
-    return _frozen(RANDOM_INIT + _name(name_or_path, path), model, tokenizer, path, sha, device, random_init=True)
-
-
-def _name(name_or_path: str, path: Path) -> str:
-    # a folder given by path is named after the folder, so result paths stay short
-    return name_or_path if name_or_path in list_models() else path.name
-
-
-def _frozen(name: str, model: Toto, tokenizer: VisualTokenizer | None, path: Path, sha: str, device: str,
-            random_init: bool = False) -> Backbone:
-    """The Backbone of `model` and the tokenizer of checkpoint `path`, on `device`, in eval mode,
-    without gradients. Raises CheckpointError when the checkpoint has no tokenizer."""
-    if tokenizer is None:
-        raise CheckpointError(f"{path / 'tokenizer'}: missing (a backbone needs the visual tokenizer: "
-                              f"tokenizer/config.json and tokenizer/model.safetensors)")
-    model = model.to(device).eval().requires_grad_(False)
-    tokenizer = tokenizer.to(device).eval().requires_grad_(False)
-    return Backbone(name=name, model=model, tokenizer=tokenizer, sha256=sha,
-                    tokenizer_sha256=sha256_bytes(weights_bytes(tokenizer.state_dict())),
-                    path=None if random_init else path)
+                      f"(or give a checkpoint folder, or FAMILY:... with a family of `totobench ls models`)")

@@ -8,7 +8,7 @@ A folder holds (CONTRACTS.md):
     loss_curve.csv/.png, README.md   written by pre-training
 
 This module works on configs and state dicts and never builds a model: `Toto.from_pretrained`
-(toto.py) and `load_checkpoint` (backbone.py) do.
+(toto.py) and `load_checkpoint` (tokens.py) do.
 """
 
 from __future__ import annotations
@@ -41,6 +41,20 @@ def file_sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes and fp32 bytes of a state dict, streamed tensor by tensor."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}:{list(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def frozen(module: torch.nn.Module, device) -> torch.nn.Module:
+    return module.to(device).eval().requires_grad_(False)
 
 
 def weights_bytes(state_dict: Mapping[str, torch.Tensor]) -> bytes:
@@ -126,7 +140,7 @@ def read_training(directory) -> dict:
     return read_json(path)
 
 
-def load_tokenizer(directory, config: TotoConfig, device="cpu") -> VisualTokenizer | None:
+def read_tokenizer(directory, config: TotoConfig, device="cpu") -> VisualTokenizer | None:
     """The tokenizer/ sub-folder as a VisualTokenizer, or None if the folder is absent.
     Raises CheckpointError if its codebook or downsampling does not fit `config`."""
     tok_dir = Path(directory) / "tokenizer"

@@ -25,6 +25,25 @@ def check_positive_fields(obj, ints: tuple[str, ...], numbers: tuple[str, ...], 
             raise ConfigError(f"{where}: {name} must be a number > 0, got {value!r}")
 
 
+def resolve_layers(layers, n: int) -> list[int]:
+    """Layer indices (an int or a list; negatives count from the end) of a model with n layers ->
+    non-negative indices, same order. Raises ConfigError naming the valid range."""
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ConfigError("no layers requested; give at least one layer index")
+    resolved = []
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ConfigError(f"layer index {i!r} is not an integer")
+        if not -n <= i < n:
+            raise ConfigError(f"layer {i} is out of range for a model with {n} layers: "
+                              f"valid indices are 0..{n - 1} or -{n}..-1")
+        resolved.append(i % n)
+    return resolved
+
+
 @dataclass
 class TotoConfig:
     dim: int

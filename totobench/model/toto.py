@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from totobench.errors import ConfigError
 from totobench.model import checkpoint, hf
-from totobench.model.config import TotoConfig
+from totobench.model.config import TotoConfig, resolve_layers
 
 __all__ = ["Toto", "TotoConfig"]
 
@@ -157,21 +157,7 @@ class Toto(nn.Module):
     def resolve_layers(self, layers) -> list[int]:
         """Layer indices (negatives count from the end) -> non-negative indices, same order.
         Raises ConfigError naming the valid range for an index out of range."""
-        n = self.config.n_layers
-        if isinstance(layers, int):
-            layers = [layers]
-        layers = list(layers)
-        if not layers:
-            raise ConfigError("no layers requested; give at least one layer index")
-        resolved = []
-        for i in layers:
-            if isinstance(i, bool) or not isinstance(i, int):
-                raise ConfigError(f"layer index {i!r} is not an integer")
-            if not -n <= i < n:
-                raise ConfigError(f"layer {i} is out of range for a model with {n} layers: "
-                                  f"valid indices are 0..{n - 1} or -{n}..-1")
-            resolved.append(i % n)
-        return resolved
+        return resolve_layers(layers, self.config.n_layers)
 
     def forward_intermediates(self, tokens: torch.Tensor, layers) -> list[torch.Tensor]:
         """Residual stream after each requested block (0-based, before the final norm).

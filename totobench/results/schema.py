@@ -37,8 +37,13 @@ class ModelInfo(TypedDict):
     tokenizer_sha256: NotRequired[str]  # sha256 of the tokenizer's weights (features depend on both)
     num_layers: int            # number of transformer blocks; depth = (layer + 1) / num_layers
     dim: int                   # width of the residual stream
-    params: int                # number of parameters of the backbone
-    path: NotRequired[str | None]  # checkpoint folder (None for random init)
+    params: int                # parameters of the feature network (embeddings in; LM head and tokenizer out)
+    path: NotRequired[str | None]  # checkpoint folder or weights file (None for random init)
+    family: NotRequired[str]   # model family of the spec: checkpoint, preset, llama, timm, hf, pixels
+    num_heads: NotRequired[int | None]  # attention heads (None: none, e.g. pixels)
+    tokenizer: NotRequired[str | None]  # the tokenizer spec of a token model (dvae:FILE, vqvae:DIR)
+    inputs: NotRequired[dict[str, Any]]  # what frames it reads (resolution, patch_size, num_frames, ...)
+    notes: NotRequired[list[str]]  # how the family reads frames (e.g. a Llama's sequence layout)
 
 
 class TaskInfo(TypedDict):

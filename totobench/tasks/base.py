@@ -203,7 +203,7 @@ class Task:
         inputs = self.cfg.input.as_dict()
         for key, attribute in MODEL_INPUTS.items():
             if key in inputs and inputs[key] is None:
-                inputs[key] = getattr(backbone.config, attribute)
+                inputs[key] = getattr(backbone.inputs, attribute)
         return inputs
 
     def probe_context(self, ctx: RunContext) -> ProbeContext:

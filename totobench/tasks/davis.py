@@ -79,7 +79,7 @@ def sequence_features(backbone, frames: torch.Tensor, layers: list[int], batch_s
     tile as an image at the resolution the model was trained at, and stitches the tile grids
     (overlapping cells averaged): a fine feature grid without asking the model to read rows longer
     than it has seen."""
-    p = backbone.config.patch_size
+    p = backbone.inputs.patch_size
     T, _, _, H, W = frames.shape
     boxes = tile_boxes(H, W, window, p)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
@@ -154,12 +154,15 @@ class DavisLabelPropagation(Task):
 
     def resolve_input(self, backbone) -> dict:
         inputs = super().resolve_input(backbone)
-        model_res, patch = backbone.config.resolution, backbone.config.patch_size
+        model_res, patch = backbone.inputs.resolution, backbone.inputs.patch_size
         if self.cfg.input.resolution is None:
             inputs["resolution"] = int(round(self.cfg.input.scale * model_res / patch)) * patch
         if inputs["resolution"] % patch:
             raise ConfigError(f"{self.cfg.path}: input.resolution must be a multiple of the patch size "
                               f"{patch}, got {inputs['resolution']}")
+        if backbone.inputs.fixed_size and not inputs["tile"]:
+            raise ConfigError(f"{self.cfg.path}: input.tile is false, but {backbone.name} reads only "
+                              f"{model_res}x{model_res} frames; set input.tile to true")
         return inputs
 
     def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
@@ -205,7 +208,8 @@ class DavisLabelPropagation(Task):
         written as indexed PNGs. Returns the feature grid (h, w)."""
         from totobench.metrics.davis import write_indexed_png
         from totobench.probes.label_propagation import mask_to_soft_labels, soft_labels_to_mask
-        patch, window = ctx.backbone.config.patch_size, ctx.backbone.config.resolution if inputs["tile"] else None
+        patch = ctx.backbone.inputs.patch_size
+        window = ctx.backbone.inputs.resolution if inputs["tile"] else None
         names = data.frame_names(seq)
         first = data.load_mask(seq, 0)
         height, width = first.shape

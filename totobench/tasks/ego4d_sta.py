@@ -108,8 +108,7 @@ class Ego4dSta(Task):
         return data
 
     def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
-        mc = ctx.backbone.config
-        self._grid = mc.grid if inputs["resolution"] == mc.resolution else inputs["resolution"] // mc.patch_size
+        self._grid = inputs["resolution"] // ctx.backbone.inputs.patch_size
         ev = super().evaluate(ctx, inputs, spec)
         ev.extra.pop("feature_cache", None)
         return ev

@@ -92,7 +92,7 @@ def video_level_metrics(scores: torch.Tensor, labels: np.ndarray, groups: np.nda
 
 def clip_token_grid(features: LayerFeatures, frames: int) -> tuple[int, int, int] | None:
     """(frames, rows, cols) of the token features of a clip; None unless every row holds
-    `frames` square grids of tokens (pooled features have no grid)."""
+    `frames` square grids of tokens (pooled features have no grid). `frames`: of the token grid."""
     shape = np.asarray(next(iter(features.feats.values()))).shape
     if len(shape) != 3:
         return None
@@ -140,7 +140,9 @@ class VideoClassification(Task):
                                 f"in the result)")
         transform = f"shortside-crop-{resolution}-f{frames}-s{stride}"
         kind, batch = "video" if frames > 1 else "image", max(1, ctx.batch_size // max(frames, 1))
-        info = {"num_classes": len(train_index.classes), "frames": frames}
+        # frames of the token grid: a video model with tubelets gives frames / tubelet
+        token_frames = ctx.backbone.token_grid(frames, resolution, resolution, kind)[0]
+        info = {"num_classes": len(train_index.classes), "frames": frames, "token_frames": token_frames}
         return (Split("train", train, {"dataset": train_index.fingerprint(), "split": "train",
                                        "views": f"random{train_clips}", "seed": ctx.seed, "transform": transform,
                                        "n": len(train)}, kind, batch, dict(info)),
@@ -150,7 +152,7 @@ class VideoClassification(Task):
     def probe_data(self, split: Split, features: LayerFeatures) -> ProbeData:
         f = readable_rows(features)
         return ProbeData(feats=f.feats, labels=f.labels, num_classes=split.info["num_classes"],
-                         token_grid=clip_token_grid(f, split.info["frames"]),
+                         token_grid=clip_token_grid(f, split.info["token_frames"]),
                          targets=f.groups)
 
     def score(self, ctx, results, val, val_data) -> list[LayerRow]:

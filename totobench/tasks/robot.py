@@ -43,7 +43,7 @@ def pooled_features(backbone, frames: np.ndarray, layers: list[int], batch_size:
         chunk = torch.from_numpy(np.ascontiguousarray(frames[start:start + batch_size]))
         x = chunk.to(device).permute(0, 3, 1, 2).float().div_(255.0).unsqueeze(1)   # [B, 1, 3, R, R]
         for i, f in enumerate(backbone.forward_frames(x, layers, kind="image")):
-            out[i].append(f[:, 0].mean(dim=1).float().cpu().numpy())
+            out[i].append(f[:, 0].mean(dim=(1, 2)).float().cpu().numpy())
     return [np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32) for parts in out]
 
 
@@ -157,9 +157,9 @@ class RobotBC(Task):
 
     def resolve_input(self, backbone) -> dict:
         inputs = super().resolve_input(backbone)
-        if inputs["resolution"] != backbone.config.resolution:
+        if inputs["resolution"] != backbone.inputs.resolution:
             raise ConfigError(f"{self.cfg.path}: input.resolution must be null or the model's resolution "
-                              f"{backbone.config.resolution}, got {inputs['resolution']}")
+                              f"{backbone.inputs.resolution}, got {inputs['resolution']}")
         return inputs
 
     def _settings(self, ctx: RunContext) -> dict:

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 export MUJOCO_GL ?= osmesa
 export PYOPENGL_PLATFORM ?= osmesa
 
-.PHONY: setup run quick test bench clean-cache
+.PHONY: setup run publish quick test bench clean-cache
 
 setup: $(VENV)/.installed
 
@@ -25,19 +25,33 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 TB := $(VENV)/bin/totobench
+# where `make run` writes (git-ignored); `make publish` writes the committed results/ instead
+RUN_OUT ?= runs/default
 
 # The default suite on the embedded data world: the bundled model and its random-init baseline,
 # the one-frame control of the Kinetics probe (does the clip carry more than its frames?), the
-# raw-pixel floor,
-# then the leaderboard and the layer-sweep comparison (what results/ in the repository holds).
+# raw-pixel floor; then the leaderboard and the layer-sweep comparison. A second run reuses the
+# feature cache and skips the tasks already finished in OUT.
+define suite
+	$(TB) run --model toto-tiny --tasks all --layers all --out $(1)
+	$(TB) run --model random-init:toto-tiny --tasks all --layers all --out $(1)
+	$(TB) run --model toto-tiny --tasks k400-single-frame --layers all --out $(1)
+	$(TB) run --model pixels --tasks all --layers all --out $(1)
+	$(TB) export $(1) --format md --out $(1)/LEADERBOARD.md
+	$(TB) export $(1) --format html --out $(1)/leaderboard.html
+endef
+
+# ... into runs/default, then each (model, task) beside the published number in results/
 run: setup
-	$(TB) run --model toto-tiny --tasks all --layers all
-	$(TB) run --model random-init:toto-tiny --tasks all --layers all
-	$(TB) run --model toto-tiny --tasks k400-single-frame --layers all
-	$(TB) run --model pixels --tasks all --layers all
-	$(TB) export results --format md --out results/LEADERBOARD.md
-	$(TB) export results --format html --out results/leaderboard.html
-	$(TB) compare results/toto-tiny results/random-init_toto-tiny results/pixels --plot results/layer_sweep.png > results/COMPARE.txt
+	$(call suite,$(RUN_OUT))
+	$(TB) compare $(RUN_OUT)/toto-tiny $(RUN_OUT)/random-init_toto-tiny $(RUN_OUT)/pixels \
+	  --plot $(RUN_OUT)/layer_sweep.png --against results
+
+# ... into the committed results/ (tasks whose results still answer their YAML are kept)
+publish: setup
+	$(call suite,results)
+	$(TB) compare results/toto-tiny results/random-init_toto-tiny results/pixels \
+	  --plot results/layer_sweep.png > results/COMPARE.txt
 
 quick: setup
 	$(TB) run --model toto-tiny --tasks all --layers all --quick --out results-quick

@@ -110,6 +110,8 @@ def _add_compare(sub):
     p.add_argument("results", nargs="+", help="result folders or files")
     p.add_argument("--task", help="only this task")
     p.add_argument("--plot", help="write the layer-sweep plot to this PNG")
+    p.add_argument("--against", metavar="PUBLISHED", help="also print each (model, task) beside the same one "
+                   "in this results folder: best layers and their difference (e.g. --against results)")
     p.set_defaults(handler="totobench.commands.compare:cli_compare")
 
 

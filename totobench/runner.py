@@ -29,7 +29,7 @@ from totobench.io import lock_beside
 from totobench.paths import cache_home, portable_path
 from totobench.registry import TASKS
 from totobench.results.schema import build_result, load_result, result_path, safe_name, write_result_atomic
-from totobench.tasks.base import RunContext, Task, TaskConfig, TaskOutput
+from totobench.tasks.base import RunContext, Task, TaskConfig, TaskOutput, numbers_settings
 from totobench.tasks.config import FORMAT_FOLDERS, load_task_config, resolve_task_names
 
 
@@ -268,12 +268,17 @@ def _finished(path: Path, layers: list[int], backbone, cfg: TaskConfig, quick: b
         done = load_result(path)
     except TotobenchError:
         return None  # unreadable: recompute
-    same = (done.get("run", {}).get("layers") == layers
+    return done if answers(done, layers, backbone, cfg, quick) else None
+
+
+def answers(done: dict, layers: list[int], backbone, cfg: TaskConfig, quick: bool) -> bool:
+    """Whether result `done` holds what this run would compute: same weights and tokenizer, layers,
+    --quick and task settings (those that can change numbers: a new description does not count)."""
+    return (done.get("run", {}).get("layers") == layers
             and done["model"]["checkpoint_sha256"] == backbone.sha256
             and done["model"].get("tokenizer_sha256") == backbone.tokenizer_sha256
-            and done.get("config") == json.loads(json.dumps(cfg.record()))
+            and numbers_settings(done.get("config") or {}) == numbers_settings(json.loads(json.dumps(cfg.record())))
             and done.get("run", {}).get("quick", False) == bool(quick))
-    return done if same else None
 
 
 def _check_writable(out_dir: Path) -> None:

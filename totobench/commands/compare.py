@@ -1,11 +1,13 @@
-"""`totobench compare RESULTS... [--task T] [--plot FILE.png]`: per-layer deltas by relative depth."""
+"""`totobench compare RESULTS... [--task T] [--plot FILE.png] [--against PUBLISHED]`: per-layer
+deltas by relative depth; with --against, each (model, task) of RESULTS beside the same one in
+PUBLISHED (what `make run` prints against the committed results/)."""
 
 from __future__ import annotations
 
 from rich.console import Console
 
 from totobench.errors import DataError
-from totobench.results.compare import best_layer_lines, compare_table
+from totobench.results.compare import against_published, best_layer_lines, compare_table
 from totobench.results.export import collect_results
 from totobench.results.plots import plot_layer_sweep, run_labels, task_names
 
@@ -41,4 +43,6 @@ def cli_compare(args, console: Console | None = None) -> int:
     if args.plot:
         path = plot_layer_sweep(results, args.plot, task=args.task)
         console.print(f"wrote {path}", highlight=False)
+    if getattr(args, "against", None):
+        console.print(against_published(results, collect_results([args.against], merge=False)))
     return 0

@@ -105,3 +105,34 @@ def best_layer_lines(results: list[dict], labels: list[str]) -> list[str]:
             line += f" ({_signed(best['metrics'][main] - ref_best)} vs {labels[0]})"
         lines.append(line)
     return lines
+
+
+def against_published(new: list[dict], published: list[dict]) -> Table:
+    """One row per (model, task) of `new`: its best-layer main metric beside the same model and task
+    in `published`, the difference, and whether every per-layer number is the same."""
+    index = {(r["model"]["name"], r["task"]["name"]): r for r in published}
+    table = Table(title="this run against the published results")
+    for column in ("model", "task", "metric", "published (layer)", "this run (layer)", "difference", "per-layer"):
+        table.add_column(column, justify="right" if column in ("difference",) else "left")
+    for r in sorted(new, key=lambda r: (r["model"]["name"], r["task"]["name"])):
+        main = r["task"]["main_metric"]
+        mine = _best(r)
+        ref = index.get((r["model"]["name"], r["task"]["name"]))
+        if ref is None:
+            table.add_row(r["model"]["name"], r["task"]["name"], main, "-", mine, "-", "not published")
+            continue
+        same = [(a["layer"], a["metrics"]) for a in ref["per_layer"]] == [(b["layer"], b["metrics"])
+                                                                          for b in r["per_layer"]]
+        quick = r.get("run", {}).get("quick", False) != ref.get("run", {}).get("quick", False)
+        table.add_row(r["model"]["name"], r["task"]["name"], main,
+                      _best(ref), mine, _signed(_best_value(r) - _best_value(ref)),
+                      "other --quick" if quick else "identical" if same else "differ")
+    return table
+
+
+def _best_value(result: dict) -> float:
+    return float(result["best_layer"]["metrics"][result["task"]["main_metric"]])
+
+
+def _best(result: dict) -> str:
+    return f"{format_metric(_best_value(result))} (L{result['best_layer']['layer']})"

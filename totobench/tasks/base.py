@@ -86,6 +86,16 @@ class TaskConfig:
                 "seed": self.seed, "batch_size": self.batch_size, "num_workers": self.num_workers}
 
 
+# Keys of a task's record that cannot change its numbers: a result made before they changed still answers
+NUMBER_FREE_KEYS = ("description", "num_workers")
+
+
+def numbers_settings(record: dict) -> dict:
+    """A task record (TaskConfig.record(), or the `config` of a result file) without the keys that
+    cannot change the numbers: two runs whose numbers_settings are equal measure the same thing."""
+    return {k: v for k, v in record.items() if k not in NUMBER_FREE_KEYS}
+
+
 @dataclass
 class RunContext:
     """What the runner hands a task: the frozen backbone and where to read and write."""

@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -q -e ".[all]"
+	$(PY) -m pip install -q --no-deps taming-transformers==0.0.1   # the VQGAN reference of the tests (its own deps are not needed)
 	touch $@
 
 TB := $(VENV)/bin/totobench

@@ -276,3 +276,13 @@ def test_encode_bad_frames(vqgan, frames):
     with pytest.raises(DataError) as info:
         tokenizer.encode(frames)
     assert "\n" not in str(info.value) and f"multiples of {vqgan.spec['downsample']}" in str(info.value)
+
+
+def test_cli_convert_vqgan(vqgan, tmp_path, capsys):
+    from totobench.cli import main
+    out = tmp_path / "enc.safetensors"
+    assert main(["convert", "vqgan", str(vqgan.folder), "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    tokenizer = load_tokenizer(f"vqgan:{out}")
+    assert line == f"{out}: taming VQGAN encoder, {tokenizer.codebook_size} codes, sha256 {tokenizer.sha256}"
+    assert torch.equal(tokenizer.encode(vqgan.images), vqgan.codes)

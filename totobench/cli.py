@@ -60,7 +60,8 @@ def _add_info(sub):
 
 def _add_convert(sub):
     p = sub.add_parser("convert", help="convert a model file to safetensors (loads later without pickles)")
-    p.add_argument("what", choices=["dvae"], help="what the file is: dvae (the DALL-E dVAE encoder.pkl)")
+    p.add_argument("what", choices=["dvae", "vqgan"], help="what the file is: dvae (the DALL-E dVAE encoder.pkl) "
+                   "or vqgan (a taming VQGAN folder or .ckpt)")
     p.add_argument("file", help="the file to convert")
     p.add_argument("--out", help="output .safetensors (default: FILE with the suffix .safetensors)")
     p.set_defaults(handler="totobench.commands.convert:cli_convert")

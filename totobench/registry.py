@@ -139,9 +139,12 @@ MODELS.register("pixels", "totobench.model.pixels:load_pixels_backbone",
                 "tokens, one layer (the floor of every table)")
 
 # Tokenizers of a `--tokenizer SPEC` ("FAMILY:PATH"): `load(rest: str, *, device) -> tokenizer` with
-# encode(frames [N, 3, H, W] in [0, 1]) -> codes [N, H/8, W/8] (totobench.model.backbone.load_tokenizer).
+# encode(frames [N, 3, H, W] in [0, 1]) -> codes [N, H/d, W/d], d = its `downsample` (totobench.model.backbone.load_tokenizer).
 TOKENIZERS = Registry("tokenizer family")
 TOKENIZERS.register("dvae", "totobench.model.dvae:load_dvae_tokenizer",
                     "dvae:FILE: the DALL-E dVAE encoder (official encoder.pkl, a state dict or safetensors)")
+TOKENIZERS.register("vqgan", "totobench.model.vqgan:load_vqgan_tokenizer",
+                    "vqgan:PATH: a taming VQGAN (a released folder with checkpoints/last.ckpt + configs/model.yaml, "
+                    "a .ckpt or a converted .safetensors)")
 TOKENIZERS.register("vqvae", "totobench.model.tokens:load_vqvae_tokenizer",
                     "vqvae:DIR: a totobench VQ-VAE tokenizer folder (config.json + model.safetensors)")

@@ -218,10 +218,11 @@ def load_backbone(spec: str, tokenizer=None, device: str = "cpu") -> Backbone:
 
 
 def load_tokenizer(spec, device: str = "cpu"):
-    """A tokenizer: `encode(frames [N, 3, H, W] floats in [0, 1]) -> codes [N, H/8, W/8]` (long),
-    with `codebook_size`, `downsample`, `name` and `sha256`. `spec`: "dvae:FILE" (the DALL-E dVAE
-    encoder: its official encoder.pkl, a state dict or a safetensors file) or "vqvae:DIR" (a
-    totobench tokenizer folder). An object that already has `encode` is returned as it is."""
+    """A tokenizer: `encode(frames [N, 3, H, W] floats in [0, 1]) -> codes [N, H/d, W/d]` (long,
+    d = its `downsample`: 8 for the dVAE), with `codebook_size`, `downsample`, `name` and `sha256`.
+    `spec`: "dvae:FILE" (the DALL-E dVAE encoder: its official encoder.pkl, a state dict or a
+    safetensors file), "vqgan:PATH" (a taming VQGAN) or "vqvae:DIR" (a totobench tokenizer
+    folder). An object that already has `encode` is returned as it is."""
     if spec is None or (not isinstance(spec, str) and hasattr(spec, "encode")):
         return spec
     family, sep, rest = str(spec).partition(":")

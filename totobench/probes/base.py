@@ -82,6 +82,7 @@ class ProbeContext:
     state_dir: Path | None = None     # per-epoch state of resumable probes; None: not resumable
     run_key: str = ""                 # identifies the features (model, layers, split sizes) for state files
     keep_outputs: bool = False        # classification probes: also return val scores
+    model_heads: int | None = None    # attention heads of the model read (None: it has none, e.g. pixels)
 
 
 @dataclass

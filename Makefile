@@ -48,8 +48,11 @@ run: setup
 	$(TB) compare $(RUN_OUT)/toto-tiny $(RUN_OUT)/random-init_toto-tiny $(RUN_OUT)/pixels \
 	  --plot $(RUN_OUT)/layer_sweep.png --against results
 
-# ... into the committed results/ (tasks whose results still answer their YAML are kept)
+# ... into the committed results/ (tasks whose results still answer their YAML are kept), with the
+# variants of the bundled model beside its defaults
+VARIANTS := k400-spacetime,davis-tiles,imagenet-linear,k400-linear,k400-linear-single-frame
 publish: setup
+	$(TB) run --model toto-tiny --tasks $(VARIANTS) --layers all --out results
 	$(call suite,results)
 	$(TB) compare results/toto-tiny results/random-init_toto-tiny results/pixels \
 	  --plot results/layer_sweep.png > results/COMPARE.txt

@@ -38,16 +38,25 @@ def test_truncated_and_deleted_videos_are_skipped_and_reported(tiny_world, micro
 
 def test_k400_probe_gets_the_clip_token_grid_and_rejects_unknown_positions(tiny_world, micro_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    common = ["run", "--model", str(micro_checkpoint), "--tasks", "k400", "--layers", "-1", "--quick",
+    common = ["run", "--model", str(micro_checkpoint), "--tasks", "k400-spacetime", "--layers", "-1", "--quick",
               "--set", f"k400.root={tiny_world / 'kinetics400'}", "--set", "probe.epochs=1", "--out", str(out)]
     assert main(common + ["--set", "probe.positions=everywhere"]) == 2
     assert "probe.positions: expected one of 'none', 'spacetime', got 'everywhere'" in capsys.readouterr().err
     assert main(common + ["--set", "probe.pooling=mean"]) == 2
     assert "needs every token" in capsys.readouterr().err
-    assert not (out / "micro" / "k400.json").exists()
+    assert not (out / "micro" / "k400-spacetime.json").exists()
     assert main(common) == 0
-    result = load_result(out / "micro" / "k400.json")
+    result = load_result(out / "micro" / "k400-spacetime.json")
     protocol = result["protocol"]
     side = protocol["input"]["resolution"] // 8 // 2  # patch 8, then tokens_pool2
     assert protocol["settings"]["positions"] == "spacetime"
     assert protocol["data"]["token_grid"] == [protocol["input"]["frames"], side, side]
+
+
+def test_the_attentive_probe_reads_pooled_features_as_one_token(tiny_world, micro_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert main(["run", "--model", str(micro_checkpoint), "--tasks", "k400", "--layers", "-1", "--quick",
+                 "--set", f"k400.root={tiny_world / 'kinetics400'}", "--set", "probe.epochs=1",
+                 "--set", "probe.pooling=mean", "--out", str(out)]) == 0
+    result = load_result(out / "micro" / "k400.json")
+    assert "tokens mean-pooled before the probe; the paper's probe reads every token" in result["protocol"]["deviations"]

@@ -109,6 +109,7 @@ def test_json_export_schema(results_dir):
     assert doc["leaderboard_version"] == LEADERBOARD_VERSION == "1"
     assert doc["result_schema_version"] == "1"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", doc["created"])
+    assert all(row.pop("deviations") == [] for row in doc["leaderboard"])   # none recorded in these results
     assert doc["leaderboard"] == [
         {"model": "toto-base", "task": "imagenet", "main_metric": "top1", "value": 0.70, "layer": 5,
          "depth": 0.5, "num_layers": 12},
@@ -149,3 +150,19 @@ def test_cli_export_writes_the_file(results_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "totobench: merged runs: toto-tiny on imagenet: kept" in err
     assert f"wrote {out} (3 results, format md)" in err
+
+
+def test_deviations_are_marked_and_listed(results_dir, tmp_path):
+    import shutil
+    folder = tmp_path / "r"
+    shutil.copytree(results_dir, folder)
+    path = next(folder.rglob("k400.json"))
+    doc = json.loads(path.read_text())
+    doc["protocol"]["deviations"] = ["test views: 2 clips x 1 crop", "a | pipe"]
+    path.write_text(json.dumps(doc))
+    md = to_markdown(collect_results(folder))
+    board = md.split("## ")[0]
+    k400_cells = [line for line in board.splitlines() if line.startswith("| toto-tiny")]
+    assert k400_cells and k400_cells[0].rstrip(" |").endswith("†")
+    assert "- **k400**: test views: 2 clips x 1 crop; a \\| pipe" in board
+    assert "imagenet**" not in board     # tasks without deviations are not listed

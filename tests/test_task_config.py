@@ -53,7 +53,8 @@ def test_wrong_type_names_the_section_and_key(tmp_path):
     ({"name": "knn", "temperature": "inf"}, r"probe.temperature: expected a finite number, got 'inf'"),
     ({"name": "linear", "lrs": []}, r"probe.lrs: expected a non-empty list, got \[\]"),
     ({"name": "attentive", "positions": "time"}, r"probe.positions: expected one of 'none', 'spacetime', got 'time'"),
-    ({"name": "attentive", "positions": "spacetime", "pooling": "mean"}, r"'spacetime' needs every token"),
+    ({"name": "attentive", "positions": "spacetime", "pooling": "mean", "head": "mha"}, r"'spacetime' needs every token"),
+    ({"name": "attentive", "positions": "spacetime"}, r"positions"),
     ({"name": "linear", "pooling": "max"}, r"probe.pooling: expected mean, tokens"),
     ({"name": "lineer"}, r"probe.name: unknown probe 'lineer'; did you mean 'linear'\?"),
     ({"name": "label_propagation"}, r"'label_propagation' gives soft masks, but task class 'classification' "
@@ -71,7 +72,7 @@ def test_metrics_must_be_the_task_kinds_and_include_the_main_metric(tmp_path):
     with pytest.raises(ConfigError, match="main_metric 'top1' must be one of the reported metrics"):
         build_task_config("t", {**BASE, "metrics": ["top5"]}, tmp_path / "t.yaml")
     robot = load_task_config("robot")
-    assert robot.metrics == ("success", "success/*")
+    assert robot.metrics == ("success", "success_se", "success/*")
 
 
 def test_overrides_root_by_format_and_by_task_and_remember_their_source():
@@ -119,7 +120,9 @@ def test_bundled_tasks_load_with_their_defaults_and_unknown_names_suggest():
     assert cfg.probe.name == "linear" and cfg.dataset.format == "imagenet"
     k400 = load_task_config("k400")
     assert (k400.input.clips_per_video, k400.input.crops_per_clip, k400.input.train_clips_per_video) == (2, 1, 1)
-    assert k400.probe.epochs == 20 and k400.probe.positions == "spacetime"
+    assert k400.probe.epochs == 20 and (k400.probe.head, k400.probe.pooling, k400.probe.positions) == ("aim", "tokens", "none")
+    spacetime = load_task_config("k400-spacetime").probe
+    assert (spacetime.head, spacetime.pooling, spacetime.positions) == ("mha", "tokens_pool2", "spacetime")
     single = load_task_config("k400-single-frame")
     assert single.probe == k400.probe and (single.input.frames, single.input.stride) == (1, 1)
     with pytest.raises(ConfigError, match="unknown task 'imagnet'; did you mean 'imagenet'"):

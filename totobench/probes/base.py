@@ -108,6 +108,11 @@ class Probe:
         holdout = getattr(spec, "holdout", None)
         return f"train-holdout-{int(holdout * 100)}pct" if holdout is not None else self.selection
 
+    def deviations(self, spec: ProbeSpec) -> list[str]:
+        """How this probe with `spec` departs from the Toto paper's protocol (or the reference code
+        it follows), one short sentence each; [] when faithful. Recorded in every result."""
+        return []
+
 
 def classification_results(out: dict[int, dict]) -> dict[int, LayerResult]:
     """The {layer: {"metrics", "best_hparams", "select_score", "val_scores"}} dicts of the grid

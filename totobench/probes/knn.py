@@ -111,6 +111,9 @@ class KnnProbe(Probe):
     Spec = KnnSpec
     produces = CLASS_SCORES
 
+    def deviations(self, spec: KnnSpec) -> list[str]:
+        return [f"k-nearest-neighbour vote on {spec.pooling}-pooled tokens: not in the paper (an extra read-out)"]
+
     def fit(self, train: ProbeData, val: ProbeData, spec: KnnSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
         out = fit_knn_layers(train.feats, labels_tensor(train), val.feats, labels_tensor(val), train.num_classes,
                              ks=spec.ks, temperature=spec.temperature, holdout=spec.holdout, seed=ctx.seed,

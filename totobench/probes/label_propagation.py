@@ -169,6 +169,12 @@ class LabelPropagationProbe(Probe):
     Spec = LabelPropagationSpec
     produces = SOFT_MASKS
     selection = "none (no training)"
+    # the settings of the reference command of Jabri et al. (2020), which the paper's DAVIS protocol follows
+    REFERENCE = {"context": 20, "radius": 12, "topk": 10, "temperature": 0.05}
+
+    def deviations(self, spec: LabelPropagationSpec) -> list[str]:
+        return [f"{key} {getattr(spec, key)} (the reference: {value})" for key, value in self.REFERENCE.items()
+                if getattr(spec, key) != value]
 
     def fit(self, train: ProbeData | None, val: ProbeData, spec: LabelPropagationSpec,
             ctx: ProbeContext) -> dict[int, LayerResult]:

@@ -189,6 +189,10 @@ class StaHeadProbe(Probe):
     Spec = StaHeadSpec
     produces = STA_OUTPUTS
 
+    def deviations(self, spec: StaHeadSpec) -> list[str]:
+        return ["a small detection head on one frozen layer's last-frame token grid; the paper trains "
+                "StillFast on the tokens of 5 layers fused by a feature pyramid"]
+
     def fit(self, train: ProbeData, val: ProbeData, spec: StaHeadSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
         _, h, w = train.token_grid
         num_nouns, num_verbs = train.num_classes

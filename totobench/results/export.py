@@ -133,7 +133,7 @@ def leaderboard_rows(results: list[dict]) -> list[dict]:
         best = r["best_layer"]
         rows.append({"model": r["model"]["name"], "task": r["task"]["name"], "main_metric": main,
                      "value": best["metrics"][main], "layer": best["layer"], "depth": best["depth"],
-                     "num_layers": r["model"]["num_layers"]})
+                     "num_layers": r["model"]["num_layers"], "deviations": list(r["protocol"].get("deviations", []))})
     return sorted(rows, key=lambda row: (row["model"], row["task"]))
 
 
@@ -167,7 +167,25 @@ def _task_metric_names(results, task):
 
 
 def _cell(row) -> str:
-    return f"{format_metric(row['value'])} (L{row['layer']}, {row['depth']:.2f})"
+    mark = " †" if row.get("deviations") else ""
+    return f"{format_metric(row['value'])} (L{row['layer']}, {row['depth']:.2f}){mark}"
+
+
+DEVIATION_NOTE = "† = the run departs from the paper's protocol; how, below (docs/protocols.md)."
+
+
+def deviation_lines(results: list[dict]) -> list[tuple[str, list[str]]]:
+    """(task, its deviations) for every task whose results record any, each deviation once (models
+    may differ: e.g. the frames of a model's own clip)."""
+    out = []
+    for task in _tasks(results):
+        seen: list[str] = []
+        for r in results:
+            if r["task"]["name"] == task:
+                seen += [d for d in r["protocol"].get("deviations", []) if d not in seen]
+        if seen:
+            out.append((task, seen))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,6 +295,10 @@ def to_markdown(results: list[dict]) -> str:
              "Each cell: the main metric (on the report split) at the model's best layer, then "
              "(layer, relative depth (layer + 1) / num_layers).", ""]
     lines += _md_table(*_leaderboard_grid(results))
+    deviations = deviation_lines(results)
+    if deviations:
+        lines += ["", DEVIATION_NOTE, ""]
+        lines += [f"- **{_md(task)}**: " + "; ".join(_md(d) for d in found) for task, found in deviations]
     for task in _tasks(results):
         info = _task_info(results, task)
         lines += ["", f"## {_md(task)}", "",
@@ -369,6 +391,10 @@ def to_html(results: list[dict]) -> str:
            "Each cell: the main metric (on the report split) at the model's best layer, then "
            "(layer, relative depth (layer + 1) / num_layers). Click a column header to sort.</p>"]
     out += _html_table(*_leaderboard_grid(results), table_id="leaderboard")
+    deviations = deviation_lines(results)
+    if deviations:
+        out += [f'<p class="note">{_h(DEVIATION_NOTE)}</p>', '<ul class="deviations">',
+                *(f"<li><b>{_h(task)}</b>: {_h('; '.join(found))}</li>" for task, found in deviations), "</ul>"]
     for task in tasks:
         info = _task_info(results, task)
         out += [f"<h2>{_h(task)}</h2>",

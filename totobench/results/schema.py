@@ -64,6 +64,8 @@ class Protocol(TypedDict):
     seed: int
     input: NotRequired[dict[str, Any]]  # the input settings, resolved against the model (frames, resolution, ...)
     data: NotRequired[dict[str, Any]]   # facts of the run: split sizes, classes, views, ...
+    reference: NotRequired[str]         # what the paper or its reference code does (docs/protocols.md)
+    deviations: NotRequired[list[str]]  # how this run departs from it; [] when faithful
 
 
 class LayerRow(TypedDict):

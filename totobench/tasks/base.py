@@ -74,20 +74,21 @@ class TaskConfig:
     quick: QuickSpec
     metrics: tuple[str, ...]        # what the result reports (the task's metric names, fnmatch patterns allowed)
     main_metric: str
+    reference: str = ""             # what the paper or its reference code does (docs/protocols.md)
     seed: int = 0
     batch_size: int = 64
     num_workers: int = 0
 
     def record(self) -> dict[str, Any]:
         """The resolved config as written into the result file (every default filled in)."""
-        return {"task": self.name, "class": self.kind, "description": self.description,
+        return {"task": self.name, "class": self.kind, "description": self.description, "reference": self.reference,
                 "dataset": self.dataset.as_dict(), "input": self.input.as_dict(), "probe": self.probe.as_dict(),
                 "metrics": list(self.metrics), "main_metric": self.main_metric, "quick": self.quick.as_dict(),
                 "seed": self.seed, "batch_size": self.batch_size, "num_workers": self.num_workers}
 
 
 # Keys of a task's record that cannot change its numbers: a result made before they changed still answers
-NUMBER_FREE_KEYS = ("description", "num_workers")
+NUMBER_FREE_KEYS = ("description", "reference", "num_workers")
 
 
 def numbers_settings(record: dict) -> dict:
@@ -265,13 +266,19 @@ class Task:
         probe = self.probe
         protocol = {"probe": spec.name, "grid": spec.grid, "settings": spec.settings,
                     "selection_split": probe.selection_split(spec), "report_split": self.report_split,
-                    "seed": ctx.seed, "input": inputs, "data": ev.facts}
+                    "seed": ctx.seed, "input": inputs, "data": ev.facts, "reference": self.cfg.reference,
+                    "deviations": self.deviations(spec, inputs, ctx)}
         return TaskOutput(per_layer=ev.rows, protocol=protocol, dataset_fingerprint=ev.fingerprint,
                           extra=ev.extra, timing_s=ev.timing)
 
     @property
     def report_split(self) -> str:
         return self.cfg.dataset.val_split
+
+    def deviations(self, spec: ProbeSpec, inputs: dict, ctx: RunContext) -> list[str]:
+        """How this run departs from the paper's protocol (the probe's, then the task's own), one
+        short sentence each; [] when faithful. Task kinds add theirs."""
+        return self.probe.deviations(spec)
 
     def reported(self, metrics: dict[str, float]) -> dict[str, float]:
         """The metrics the YAML's `metrics:` selects, in the task's order."""

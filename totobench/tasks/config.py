@@ -21,7 +21,7 @@ from totobench.paths import tasks_dir
 # Top-level keys and the type each must have; the sections (dataset, input, probe, quick) are
 # typed by the task class and the probe (tasks/base.py, probes/base.py).
 TOP_LEVEL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "task": str, "class": str, "include": (str, list), "description": str, "dataset": dict,
+    "task": str, "class": str, "include": (str, list), "description": str, "reference": str, "dataset": dict,
     "input": dict, "probe": dict, "metrics": list, "main_metric": str, "quick": dict, "seed": int,
     "batch_size": int, "num_workers": int,
 }
@@ -87,6 +87,7 @@ def build_task_config(name: str, cfg: dict, path: Path, sources: dict[tuple, str
         data, key_sources = section(key)
         specs[key] = spec_cls.from_mapping(data, f"{path}: {key}", key_sources)
     config = TaskConfig(name=name, path=str(path), kind=cfg["class"], description=cfg.get("description", ""),
+                        reference=cfg.get("reference", ""),
                         metrics=tuple(cfg.get("metrics") or (cfg["main_metric"],)), main_metric=cfg["main_metric"],
                         seed=cfg.get("seed", 0), batch_size=cfg.get("batch_size", 64),
                         num_workers=cfg.get("num_workers", 0), **specs)

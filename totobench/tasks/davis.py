@@ -132,7 +132,8 @@ class DavisInput(InputSpec):
     `scale` x the model's resolution (the paper reads DAVIS at 256 px with 128 px models: 2x)."""
     scale: float = field(default=2.0, metadata={"gt": 0})
     keep_aspect: bool = True       # false: squash every frame to a square
-    tile: bool = True              # read the frame through tiles at the model's resolution, stitch the grids
+    tile: bool | None = None       # true: read the frame through tiles at the model's resolution, stitch the
+                                   # grids; null: the whole frame, or tiles for a model with a fixed size
 
 
 @dataclass(frozen=True)
@@ -160,10 +161,25 @@ class DavisLabelPropagation(Task):
         if inputs["resolution"] % patch:
             raise ConfigError(f"{self.cfg.path}: input.resolution must be a multiple of the patch size "
                               f"{patch}, got {inputs['resolution']}")
+        if inputs["tile"] is None:
+            inputs["tile"] = backbone.inputs.fixed_size
         if backbone.inputs.fixed_size and not inputs["tile"]:
             raise ConfigError(f"{self.cfg.path}: input.tile is false, but {backbone.name} reads only "
                               f"{model_res}x{model_res} frames; set input.tile to true")
         return inputs
+
+    def deviations(self, spec, inputs: dict, ctx: RunContext) -> list[str]:
+        out = super().deviations(spec, inputs, ctx)
+        r = ctx.backbone.inputs.resolution
+        if inputs["resolution"] != 2 * r:
+            out.append(f"frames read at {inputs['resolution']} px (short side); the paper reads 256 px with "
+                       f"128 px models: 2x the model's resolution, {2 * r} px here")
+        if inputs["tile"]:
+            out.append(f"each frame read as {r} x {r} tiles (each its own sequence) whose token grids are "
+                       f"stitched; the paper reads the whole frame")
+        if not inputs["keep_aspect"]:
+            out.append("frames squashed to squares (the paper keeps the aspect ratio)")
+        return out
 
     def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
         from totobench.data.davis import DavisDataset

@@ -174,3 +174,14 @@ class VideoClassification(Task):
 
     def fingerprint(self, train: Split, val: Split) -> str:
         return f"{train.key['dataset']}+{val.key['dataset']}"
+
+    def deviations(self, spec, inputs: dict, ctx: RunContext) -> list[str]:
+        out = super().deviations(spec, inputs, ctx)
+        model = ctx.backbone.inputs
+        if (inputs["frames"], inputs["stride"]) != (model.num_frames, model.frame_stride):
+            out.append(f"clips of {inputs['frames']} frame(s) every {inputs['stride']}, not the model's own "
+                       f"{model.num_frames} every {model.frame_stride}: a control")
+        out.append(f"test views: {inputs['clips_per_video']} clip(s) x {inputs['crops_per_clip']} crop(s), class "
+                   f"scores averaged; V-JEPA 2's frozen evaluation joins 8 segments x 3 views into one probe "
+                   f"input (the paper does not state its views)")
+        return out

@@ -7,7 +7,7 @@ requested layer, an MLP policy (probes/bc_policy.py) maps [pooled features of th
 `context_frames` frames, proprioception] to the expert's action. The policy then drives the
 simulator from seeded initial scenes never seen in the demos; an episode is a success when
 `info["success"]` fires within `episode_length` decisions. Metrics per layer: the success rate per
-task ("success/<task>") and their mean ("success").
+task ("success/<task>"), their mean ("success") and its standard error over all episodes ("success_se").
 
 Rollouts of one layer run in lockstep on a pool of environments created once per task (each with
 its own renderer) and reused for every layer, so each decision step is one batched backbone call
@@ -31,6 +31,12 @@ from totobench.paths import portable_path
 from totobench.progress import progress_bar
 from totobench.tasks.base import DatasetSpec, Evaluation, InputSpec, LayerRow, QuickSpec, RunContext, Task
 MAX_POOL = 10     # simulators (each with a GL context) stepped in lockstep; more seeds take turns
+
+
+def success_standard_error(rate: float, episodes: int) -> float:
+    """Standard error of a success rate measured on `episodes` independent episodes:
+    sqrt(p (1 - p) / n). Two models whose rates differ by less than about twice this are within noise."""
+    return float(np.sqrt(rate * (1.0 - rate) / episodes))
 
 
 @torch.inference_mode()
@@ -149,11 +155,19 @@ class RobotBC(Task):
 
     @classmethod
     def metric_names(cls, cfg) -> tuple[str, ...]:
-        return ("success",) + tuple(f"success/{env}" for env in cfg.dataset.env)
+        return ("success", "success_se") + tuple(f"success/{env}" for env in cfg.dataset.env)
 
     @property
     def report_split(self) -> str:
         return "seeded rollouts (scenes not in demos)"
+
+    def deviations(self, spec, inputs: dict, ctx: RunContext) -> list[str]:
+        s = self._settings(ctx)
+        return super().deviations(spec, inputs, ctx) + [
+            f"MetaWorld behaviour cloning ({len(self.cfg.dataset.env)} tasks, {s['demos']} demos, {s['rollouts']} "
+            f"rollouts of {s['episode_length']} decisions, {spec.epochs} epochs, camera {s['camera']}); the paper "
+            f"trains PPO in IsaacGym and clones a real Franka, and CortexBench uses 5 tasks, 25 demos, 25 rollouts x "
+            f"3 seeds of 500 steps, 100 epochs, camera top_cap2 (not in MetaWorld 3.1.1)"]
 
     def resolve_input(self, backbone) -> dict:
         inputs = super().resolve_input(backbone)
@@ -191,6 +205,7 @@ class RobotBC(Task):
         for layer in ctx.layers:
             metrics = {"success": float(np.mean([run.rates[layer][n] for n in envs]))}
             metrics.update({f"success/{n}": run.rates[layer][n] for n in envs})
+            metrics["success_se"] = success_standard_error(metrics["success"], len(envs) * len(seeds))
             rows.append(LayerRow(layer=layer, metrics=metrics))
         facts = {"envs": envs, "demos_per_env": s["demos"], "rollouts_per_env": s["rollouts"],
                  "episode_length": s["episode_length"], "action_repeat": s["action_repeat"], "camera": s["camera"],

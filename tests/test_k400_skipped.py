@@ -60,3 +60,10 @@ def test_the_attentive_probe_reads_pooled_features_as_one_token(tiny_world, micr
                  "--set", "probe.pooling=mean", "--out", str(out)]) == 0
     result = load_result(out / "micro" / "k400.json")
     assert "tokens mean-pooled before the probe; the paper's probe reads every token" in result["protocol"]["deviations"]
+
+
+def test_probe_training_prints_progress_lines_in_a_log(tiny_world, micro_checkpoint, tmp_path, capsys):
+    assert main(["run", "--model", str(micro_checkpoint), "--tasks", "imagenet", "--layers", "-1", "--quick",
+                 "--data-root", str(tiny_world), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out     # not a terminal: plain lines
+    assert "imagenet probe epochs: 3/3 (100%) loss " in out   # --quick: quick.epochs

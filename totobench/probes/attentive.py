@@ -27,6 +27,7 @@ from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContex
 from totobench.probes.attentive_heads import (HEADS, AimProbes, AttentiveHead, AttentiveProbes,  # noqa: F401
                                               Head, VJepaProbes, make_probes, spacetime_sincos)
 from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
+from totobench.progress import progress_bar
 
 DEFAULT_LRS = (1e-3, 3e-4)
 DEFAULT_WDS = (1e-4, 1e-2)
@@ -236,7 +237,8 @@ def fit_attentive_grid(train: dict, train_labels, val: dict, val_labels, num_cla
                        wds=DEFAULT_WDS, epochs: int = 10, batch_size: int = 64, holdout: float = 0.1,
                        num_heads: int = 8, warmup_epochs: float = 0.0, seed: int = 0, device="cpu",
                        state_path: str | Path | None = None, return_scores: bool = False,
-                       positions: tuple[int, int, int] | None = None, head: str = "mha") -> dict[int, dict]:
+                       positions: tuple[int, int, int] | None = None, head: str = "mha",
+                       on_epoch: Callable[[int, float], None] | None = None) -> dict[int, dict]:
     """The attentive grid on stored token features, with the linear grid's signature.
 
     train: {layer: tokens [N, L, D]} (tensors or numpy arrays/memmaps, any float dtype), val:
@@ -264,7 +266,8 @@ def fit_attentive_grid(train: dict, train_labels, val: dict, val_labels, num_cla
         lambda epoch: batches(train, train_labels, fit_idx, epoch), lambda: batches(train, train_labels, holdout_idx),
         lambda: batches(val, val_labels, torch.arange(len(val_labels))), layers, train[layers[0]].shape[-1], num_classes,
         lrs, wds, epochs, num_heads, warmup_epochs, steps_per_epoch=-(-len(fit_idx) // batch_size), seed=seed,
-        device=device, state_path=state_path, return_scores=return_scores, positions=positions, head=head)
+        device=device, state_path=state_path, on_epoch=on_epoch, return_scores=return_scores, positions=positions,
+        head=head)
 
 
 @dataclass(frozen=True)
@@ -359,12 +362,15 @@ class AttentiveProbe(Probe):
             if not state_lock.try_acquire():  # another live process trains this very probe: never share its state
                 state_path, state_lock = None, None
         try:
-            out = fit_attentive_grid(as_tokens(train.feats), labels_tensor(train), as_tokens(val.feats), labels_tensor(val),
-                                     train.num_classes, lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs,
-                                     batch_size=spec.batch_size, holdout=spec.holdout, num_heads=num_heads,
-                                     warmup_epochs=spec.warmup_epochs, seed=ctx.seed, device=ctx.device,
-                                     state_path=state_path, return_scores=ctx.keep_outputs, positions=positions,
-                                     head=spec.head)
+            with progress_bar(ctx.console, fields="loss {task.fields[loss]}", disable=ctx.console is None) as shown:
+                job = shown.add_task(f"{ctx.desc or 'attentive'} probe epochs", total=spec.epochs, loss="-")
+                out = fit_attentive_grid(
+                    as_tokens(train.feats), labels_tensor(train), as_tokens(val.feats), labels_tensor(val),
+                    train.num_classes, lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs, batch_size=spec.batch_size,
+                    holdout=spec.holdout, num_heads=num_heads, warmup_epochs=spec.warmup_epochs, seed=ctx.seed,
+                    device=ctx.device, state_path=state_path, return_scores=ctx.keep_outputs, positions=positions,
+                    head=spec.head,
+                    on_epoch=lambda epoch, loss: shown.update(job, completed=epoch + 1, loss=f"{loss:.3f}"))
             if state_path is not None:
                 state_path.unlink(missing_ok=True)
         finally:

@@ -83,6 +83,8 @@ class ProbeContext:
     run_key: str = ""                 # identifies the features (model, layers, split sizes) for state files
     keep_outputs: bool = False        # classification probes: also return val scores
     model_heads: int | None = None    # attention heads of the model read (None: it has none, e.g. pixels)
+    console: Any = None               # a rich Console for progress lines (None: silent)
+    desc: str = ""                    # what the progress lines are about, e.g. the task name
 
 
 @dataclass

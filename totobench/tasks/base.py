@@ -220,7 +220,7 @@ class Task:
     def probe_context(self, ctx: RunContext) -> ProbeContext:
         features_id = getattr(ctx.backbone, "features_id", getattr(ctx.backbone, "sha256", ""))
         return ProbeContext(device=ctx.device, seed=ctx.seed, state_dir=ctx.artifacts_dir,
-                            model_heads=getattr(ctx.backbone, "num_heads", None),
+                            model_heads=getattr(ctx.backbone, "num_heads", None), console=ctx.console, desc=self.name,
                             run_key=f"{features_id}:{self.name}", keep_outputs=self.keep_outputs)
 
     def extract(self, ctx: RunContext, split: Split, pooling: str) -> LayerFeatures:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from totobench.errors import ConfigError, DataError
+from totobench.errors import CheckpointError, ConfigError, DataError
 from totobench.model.config import resolve_layers
 from totobench.paths import checkpoints_dir
 from totobench.registry import MODELS, TOKENIZERS, did_you_mean
@@ -238,7 +238,6 @@ def resolve_checkpoint(name_or_path: str) -> Path:
     """A registered name or a checkpoint folder path -> the folder.
     Raises ConfigError with the closest name for an unknown one, CheckpointError if a registered
     checkpoint has not been produced yet."""
-    from totobench.errors import CheckpointError
     if not name_or_path.strip():
         raise ConfigError("model '': expected a registered name or a checkpoint folder")
     registered = [n for n in list_models() if not n.startswith(RANDOM_INIT)]

@@ -33,11 +33,21 @@ RUN_OUT ?= runs/default
 # the one-frame control of the Kinetics probe (does the clip carry more than its frames?), the
 # raw-pixel floor; then the leaderboard and the layer-sweep comparison. A second run reuses the
 # feature cache and skips the tasks already finished in OUT.
+# Two streams run side by side, one thread each: toto-tiny (on the terminal) and the baselines
+# (random init, pixels; into OUT/logs/baselines.log). Much of the suite does not use two cores
+# (rollouts, decoding, small probe steps), and one thread gives the same numbers bit for bit.
 define suite
-	$(TB) run --model toto-tiny --tasks all --layers all --out $(1)
-	$(TB) run --model random-init:toto-tiny --tasks all --layers all --out $(1)
-	$(TB) run --model toto-tiny --tasks k400-single-frame --layers all --out $(1)
-	$(TB) run --model pixels --tasks all --layers all --out $(1)
+	@mkdir -p $(1)/logs
+	@echo "random-init:toto-tiny and pixels run beside toto-tiny; their progress: $(1)/logs/baselines.log"
+	@OMP_NUM_THREADS=1 sh -c '$(TB) run --model random-init:toto-tiny --tasks all --layers all --out $(1) && \
+	  $(TB) run --model pixels --tasks all --layers all --out $(1)' > $(1)/logs/baselines.log 2>&1 & \
+	baselines=$$!; trap 'kill $$baselines 2>/dev/null' INT TERM; \
+	OMP_NUM_THREADS=1 $(TB) run --model toto-tiny --tasks all --layers all --out $(1) && \
+	OMP_NUM_THREADS=1 $(TB) run --model toto-tiny --tasks k400-single-frame --layers all --out $(1); main=$$?; \
+	wait $$baselines; base=$$?; \
+	if [ $$base -ne 0 ]; then echo "the baselines failed (exit $$base); the end of $(1)/logs/baselines.log:"; \
+	  tail -n 20 $(1)/logs/baselines.log; fi; \
+	[ $$main -eq 0 ] && [ $$base -eq 0 ]
 	$(TB) export $(1) --format md --out $(1)/LEADERBOARD.md
 	$(TB) export $(1) --format html --out $(1)/leaderboard.html
 endef

@@ -47,7 +47,7 @@ def test_layer_parser_gives_valid_layers_or_one_line(spec, num_layers):
 
 
 set_keys = st.sampled_from(["probe.epochs", "probe.lrs", "probe.wds", "probe.whiten", "probe.name", "probe.pooling",
-                            "input.resolution", "input.frames", "input.clips_per_video", "quick.max_train_per_class",
+                            "input.resolution", "input.frames", "input.segments", "quick.max_train_per_class",
                             "dataset.root", "dataset.train_split", "metrics", "main_metric", "seed", "batch_size",
                             "probe", "input", "k400.probe.positions", "imagenet-linear.probe.lrs", "probe.nope"])
 set_values = st.one_of(st.text(max_size=10), json_values.map(json.dumps))

@@ -119,7 +119,7 @@ def test_bundled_tasks_load_with_their_defaults_and_unknown_names_suggest():
     cfg = load_task_config("imagenet-linear")
     assert cfg.probe.name == "linear" and cfg.dataset.format == "imagenet"
     k400 = load_task_config("k400")
-    assert (k400.input.clips_per_video, k400.input.crops_per_clip, k400.input.train_clips_per_video) == (2, 1, 1)
+    assert (k400.input.segments, k400.input.views, k400.input.train_clips_per_video) == (1, 3, 1)
     assert k400.probe.epochs == 20 and (k400.probe.head, k400.probe.pooling, k400.probe.positions) == ("aim", "tokens", "none")
     spacetime = load_task_config("k400-spacetime").probe
     assert (spacetime.head, spacetime.pooling, spacetime.positions) == ("mha", "tokens_pool2", "spacetime")

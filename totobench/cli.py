@@ -39,7 +39,18 @@ def _add_run(sub):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute results that already exist in --out (default: skip them)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not reuse the feature cache; a cache budget of 0 (probes train streamed)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype of the backbone forward; probes and metrics stay fp32 "
+                        "(default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--cache-budget", metavar="SIZE",
+                   help="bytes one task may add to the feature cache, e.g. 500G, 1T, 0 (decimal units; "
+                        "default: half the free disk under the cache folder); a task whose training "
+                        "features exceed it trains its probe streamed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what each task would store and compute (bytes, TFLOPs, cached or streamed) "
+                        "and exit; plan paper-sized runs with --set TASK.dataset.size=[TRAIN,VAL]")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first unreadable image or video (default: skip it and list it in the result)")
     p.set_defaults(handler="totobench.commands.run:cli_run")
@@ -94,8 +105,52 @@ def _add_pretrain(sub):
     p.add_argument("--config", required=True, help="pre-training YAML")
     p.add_argument("--out", help="checkpoint folder (default: from the config)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="cpu, cuda or cuda:N; under torchrun each rank on cuda:LOCAL_RANK "
+                   "(default: the config's device, else cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype of the forward pass (default: the config's train.precision, "
+                        "else bf16 on CUDA, fp32 on CPU)")
     p.set_defaults(handler="totobench.commands.pretrain:cli_pretrain")
+
+
+def _add_scaling(sub):
+    p = sub.add_parser("scaling", help="the muP scaling study: a family of Totos to compute budgets, L(C) = a * C^b")
+    p.add_argument("--config", required=True, help="scaling YAML (configs/scaling/quick.yaml, paper.yaml)")
+    p.add_argument("--quick", action="store_true", help="apply the config's `quick:` section (a smaller study; none: the config as it is)")
+    p.add_argument("--out", help="output folder (default: runs/scaling/<name>); re-run it to resume")
+    p.add_argument("--data", metavar="SHARDS", help="token shards of `totobench tokenize` (default: the config's "
+                   "data.sources, tokenized once into --out)")
+    p.set_defaults(handler="totobench.commands.scaling:cli_scaling")
+
+
+def _add_nll(sub):
+    p = sub.add_parser("nll", help="held-out next-token loss of a Toto per frame and token position of a clip")
+    p.add_argument("checkpoint", metavar="SPEC", help="toto-tiny, a checkpoint folder or random-init:SPEC")
+    p.add_argument("--data", help="a Kinetics-format root (default: the data world's kinetics400/)")
+    p.add_argument("--split", default="val", help="the root's split (default val)")
+    p.add_argument("--max-clips", type=int, default=None, help="at most this many clips (default: all)")
+    p.add_argument("--out", help="folder for nll.csv, nll_positions.csv and nll.png (default: runs/nll/<model>)")
+    p.set_defaults(handler="totobench.commands.nll:cli_nll")
+
+
+def _add_tokenize(sub):
+    p = sub.add_parser("tokenize", help="tokenize videos and images into token shards for pre-training",
+                       description="Encode every image and video of the sources into token shards "
+                                   "(`data.shards` of a pre-training config). Rerun the same command to "
+                                   "continue a killed run; under torchrun each rank writes its own shards.")
+    p.add_argument("--tokenizer", required=True, help="vqvae:DIR, dvae:FILE or vqgan:PATH")
+    p.add_argument("--source", required=True, nargs="+", action="extend", metavar="DIR_OR_LIST",
+                   help="a folder searched recursively (e.g. kinetics400/train or imagenet/train) or a text file "
+                        "listing one file per line (repeatable)")
+    p.add_argument("--out", required=True, help="shard folder (created)")
+    p.add_argument("--resolution", type=int, default=128, help="frame size in pixels (default 128)")
+    p.add_argument("--frames", type=int, default=16, help="frames of a clip: shorter videos are skipped (default 16)")
+    p.add_argument("--stride", type=int, default=4, help="keep every k-th frame of a video (default 4)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 26, help="close a shard at this many tokens")
+    p.add_argument("--batch", type=int, default=32, help="files per batch: images encoded together, "
+                   "progress recorded after each (default 32)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.set_defaults(handler="totobench.commands.tokenize:cli_tokenize")
 
 
 def _add_export(sub):
@@ -148,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_run, _add_ls, _add_info, _add_convert, _add_data, _add_pretrain, _add_export,
-                _add_compare, _add_validate, _add_davis_eval, _add_sta_eval):
+    for add in (_add_run, _add_ls, _add_info, _add_convert, _add_data, _add_pretrain, _add_tokenize, _add_export,
+                _add_compare, _add_validate, _add_davis_eval, _add_sta_eval,
+                _add_scaling, _add_nll):
         add(sub)
     return parser
 

@@ -6,6 +6,10 @@ valid is skipped (re-run the same command to continue an interrupted run; `--ove
 features already extracted, down to the last committed chunk of a split, are reused.
 Under `torchrun --nproc_per_node=N -m totobench run ...` rank 0 runs the tasks and all ranks
 share the feature extraction (totobench.features.distributed); the result equals one process's.
+
+Before extracting, each task prints its estimate (bytes it will store, forward TFLOPs, whether its
+probe trains streamed under --cache-budget; totobench.features.estimate), recorded in the result
+as `protocol.estimate` with `protocol.precision` (`--dry-run`: totobench.commands.run).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from rich.console import Console
 
 from totobench import __version__, parallel
 from totobench.errors import ConfigError, TotobenchError
+from totobench.features.estimate import default_cache_budget, format_bytes, parse_size
 from totobench.io import lock_beside
+from totobench.model.backbone import resolve_precision
 from totobench.paths import cache_home, portable_path
 from totobench.registry import TASKS
 from totobench.results.schema import build_result, load_result, result_path, safe_name, write_result_atomic
@@ -150,6 +156,7 @@ def _serve_as_worker(args, device: torch.device) -> int:
                 load_task_config(name, args.overrides)
             backbone = load_backbone(args.model, tokenizer=getattr(args, "tokenizer", None), device=device)
             parse_layers(args.layers, backbone.num_layers)
+            backbone.precision = resolve_precision(getattr(args, "precision", None), device)
         except TotobenchError:
             return 2  # rank 0 fails the same way and says why
         if parallel.broadcast_object(None) == distributed.STOP:  # handshake (carries rank 0's --no-cache folder)
@@ -161,11 +168,15 @@ def _serve_as_worker(args, device: torch.device) -> int:
 
 def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> int:
     """Rank 0's (or the only process's) part of `run`: every task, one result file each."""
-    from totobench.features import distributed
     from totobench.features.cache import FeatureCache
     from totobench.model import load_backbone
 
     configs = [load_task_config(name, args.overrides) for name in resolve_task_names(args.tasks)]  # fail fast
+    for cfg in configs:
+        if cfg.dataset.size is not None:
+            raise ConfigError(f"{cfg.path}: dataset.size is for planning with --dry-run only; remove it "
+                              f"(--set {cfg.name}.dataset.size=...) for a real run")
+    precision, budget = resolve_precision(getattr(args, "precision", None), device), resolve_budget(args)
     for cfg in configs:   # a dataset root the user named must exist before any work (the data world is made later)
         if cfg.dataset.root or args.data_root or os.environ.get("TOTOBENCH_DATA_ROOT"):
             resolve_data_root(cfg, args.data_root)
@@ -174,11 +185,13 @@ def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> i
     t_load = time.perf_counter()
     backbone = load_backbone(args.model, tokenizer=getattr(args, "tokenizer", None), device=device)
     layers = parse_layers(args.layers, backbone.num_layers)
+    backbone.precision = precision
     load_s = time.perf_counter() - t_load
     console.print(f"[bold]{backbone.name}[/] ({backbone.family}, {backbone.num_layers} layers, dim {backbone.dim}, "
                   f"sha256 {backbone.sha256[:12]}) - layers {layers} - tasks {', '.join(c.name for c in configs)}")
     for note in backbone.notes:
         console.print(f"[dim]{backbone.name}: {note}[/]")
+    print_run_settings(console, device, precision, budget)
     tmp_cache = tempfile.TemporaryDirectory(prefix="totobench-features-") if args.no_cache else None
     if parallel.info().active:
         parallel.broadcast_object(tmp_cache.name if tmp_cache else None)  # pairs with the workers' handshake
@@ -197,7 +210,7 @@ def _run_tasks(args, device: torch.device, console: Console, workers: dict) -> i
                     done = _finished(path, layers, backbone, cfg, args.quick,
                                      newer_than=started if args.overwrite else None)
                     if done is None:
-                        done = _run_one(args, cfg, backbone, layers, device, cache, console, path, load_s)
+                        done = _run_one(args, cfg, backbone, layers, device, cache, console, path, load_s, budget)
                     else:
                         console.print(f"[dim]{cfg.name}: result exists at {path}, skipped (use --overwrite to redo)[/]")
                     written[cfg.name] = done
@@ -233,18 +246,24 @@ def _result_lock(path: Path, task_name: str, console: Console, wait: bool) -> It
 
 
 def _run_one(args, cfg: TaskConfig, backbone, layers: list[int], device: torch.device, cache, console: Console,
-             path: Path, load_s: float) -> dict:
-    """Run one task and write its result file atomically."""
+             path: Path, load_s: float, budget: int | None = None) -> dict:
+    """Run one task (its estimate printed first) and write its result file atomically."""
     task = TASKS.get(cfg.kind)(cfg)
     data_root = resolve_data_root(cfg, args.data_root)
-    ctx = RunContext(backbone=backbone, layers=layers, device=device, quick=args.quick, data_root=data_root,
-                     artifacts_dir=path.with_suffix(""), cache=cache, console=console, seed=cfg.seed,
-                     num_workers=cfg.num_workers, batch_size=cfg.batch_size, strict=args.strict)
+    ctx = task_context(cfg, backbone, layers, device, args.quick, data_root, path.with_suffix(""), cache, console,
+                       budget, strict=args.strict)
     console.rule(f"[bold]{cfg.name}")
     t0 = time.perf_counter()
+    estimate = estimate_task(task, ctx)
+    if estimate is not None:
+        console.print(f"estimate: {estimate.summary()}", soft_wrap=True)
     out = task.run(ctx)
+    out.protocol["precision"] = backbone.precision
+    if estimate is not None:
+        out.protocol["estimate"] = estimate.as_dict()
     result = result_document(backbone, task, out, data_root, layers, device,
                              {"total": time.perf_counter() - t0, "model_load": load_s}, args.quick)
+    result["env"]["cache_budget"] = budget   # follows the free disk: a host fact, not the protocol's
     try:
         write_result_atomic(path, result)
     except OSError as err:  # e.g. the disk filled up: the temp file is already gone
@@ -273,10 +292,11 @@ def _finished(path: Path, layers: list[int], backbone, cfg: TaskConfig, quick: b
 
 def answers(done: dict, layers: list[int], backbone, cfg: TaskConfig, quick: bool) -> bool:
     """Whether result `done` holds what this run would compute: same weights and tokenizer, layers,
-    --quick and task settings (those that can change numbers: a new description does not count)."""
+    --precision, --quick and task settings (those that can change numbers: a new description does not count)."""
     return (done.get("run", {}).get("layers") == layers
             and done["model"]["checkpoint_sha256"] == backbone.sha256
             and done["model"].get("tokenizer_sha256") == backbone.tokenizer_sha256
+            and done.get("protocol", {}).get("precision", "fp32") == getattr(backbone, "precision", "fp32")
             and numbers_settings(done.get("config") or {}) == numbers_settings(json.loads(json.dumps(cfg.record())))
             and done.get("run", {}).get("quick", False) == bool(quick))
 
@@ -307,3 +327,59 @@ def _write_plots(results: list[dict], out_dir: Path, console: Console) -> None:
         return
     for path in write_sweep_plots(results, out_dir) or []:
         console.print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------- run settings and --dry-run
+GPU_WORKERS = 8   # DataLoader workers decoding for a CUDA run whose task sets none (num_workers: 0)
+
+
+def resolve_budget(args) -> int:
+    """Bytes one task may add to the feature cache: --cache-budget SIZE, 0 with --no-cache, else
+    half the free disk under the cache folder (features.estimate.default_cache_budget)."""
+    given = getattr(args, "cache_budget", None)
+    if getattr(args, "no_cache", False):
+        if given is not None and parse_size(given) != 0:
+            raise ConfigError(f"--no-cache means a cache budget of 0; drop --cache-budget {given}")
+        return 0
+    return parse_size(given) if given is not None else default_cache_budget(cache_home())
+
+
+def print_run_settings(console: Console, device: torch.device, precision: str, budget: int | None) -> None:
+    budget_text = "no limit" if budget is None else format_bytes(budget)
+    console.print(f"[dim]forward in {precision} on {device}; feature cache budget {budget_text} per task[/]")
+    if device.type == "cpu" and precision != "fp32" and not _cpu_has(CPU_FLAGS[precision]):
+        console.print(f"[yellow]warning: {precision} on a CPU without {' or '.join(CPU_FLAGS[precision])} "
+                      f"instructions runs the forward many times slower than fp32[/]")
+
+
+# CPU instructions that make a reduced-precision forward fast (measured with toto-tiny on this machine's
+# AMD EPYC, which has avx512_bf16 but no avx512_fp16: bf16 ~1.5x faster than fp32, fp16 ~7x slower)
+CPU_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+def _cpu_has(flags: tuple[str, ...]) -> bool:
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False  # not Linux: unknown, so warn
+    return any(flag in words for flag in flags)
+
+
+def task_context(cfg: TaskConfig, backbone, layers: list[int], device: torch.device, quick: bool,
+                 data_root: Path | None, artifacts_dir: Path, cache, console: Console, budget: int | None,
+                 strict: bool = False) -> RunContext:
+    """The RunContext of one task (decoding workers: the task's num_workers, else GPU_WORKERS on CUDA)."""
+    workers = cfg.num_workers or (min(GPU_WORKERS, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0)
+    return RunContext(backbone=backbone, layers=layers, device=device, quick=quick, data_root=data_root,
+                      artifacts_dir=artifacts_dir, cache=cache, console=console, seed=cfg.seed, num_workers=workers,
+                      batch_size=cfg.batch_size, strict=strict, cache_budget=budget,
+                      precision=getattr(backbone, "precision", "fp32"))
+
+
+def estimate_task(task: Task, ctx: RunContext):
+    """The task's TaskEstimate, or None for a task class that cannot estimate (no `splits`)."""
+    try:
+        return task.estimate(ctx, task.resolve_input(ctx.backbone), task.probe_spec(ctx.quick))
+    except NotImplementedError:
+        return None
+

@@ -1,4 +1,4 @@
-"""`totobench pretrain --config FILE [--out DIR] [--resume] [--device cpu]`."""
+"""`totobench pretrain --config FILE [--out DIR] [--resume] [--device cpu|cuda|cuda:N] [--precision fp32|bf16|fp16]`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from totobench.pretrain import load_pretrain_config, pretrain
 
 def cli_pretrain(args) -> int:
     """Pre-train the tokenizer and Toto as the config says, into --out (or the config's `out:`)."""
-    if args.device != "cpu":
-        raise ConfigError(f"--device {args.device}: pre-training runs on the CPU only in this version")
     cfg = load_pretrain_config(args.config)
+    if args.device:  # the flags override the config's device and train.precision
+        cfg["device"] = args.device
+    if args.precision:
+        cfg["train"]["precision"] = args.precision
     out = Path(args.out or cfg.get("out") or "")
     if not str(out) or str(out) == ".":
         raise ConfigError(f"{args.config}: no output folder; give --out or set `out:` in the config")
@@ -34,4 +36,8 @@ def _own_args(args) -> list[str]:
         a += ["--out", args.out]
     if args.resume:
         a.append("--resume")
+    if args.device:
+        a += ["--device", args.device]
+    if args.precision:
+        a += ["--precision", args.precision]
     return a

@@ -8,8 +8,13 @@ with `send_job`, every rank extracts its share of the batches into checked cache
 reports back (`send_report` / `collect_reports`), and rank 0 assembles the features by dataset
 index - so the order of samples, and therefore every number, is the single-process run's. The
 other ranks wait in `receive_job` (see `totobench.features.extract.serve_extraction`) until rank 0
-sends STOP, then exit 0. Only rank 0 trains probes and writes result files. The feature cache
-folder must be shared by all ranks (the same machine, or a shared file system).
+sends STOP, then exit 0. Only rank 0 writes result files. The feature cache folder must be
+shared by all ranks (the same machine, or a shared file system).
+
+Two job kinds: "extract" (features.extract.run_extraction_job) and "run": `job["fn"](backbone,
+device, **job["kwargs"])` on every rank (`run_job`), in step with rank 0 which calls the same
+function itself; a streamed probe trains so (tasks/streaming.py), every rank forwarding its share
+of each batch. `fn` must be a module-level function (it is pickled by name).
 """
 
 from __future__ import annotations
@@ -62,3 +67,10 @@ def collect_reports(report: dict) -> list[dict]:
         if "error" in r:
             raise (TotobenchError if r.get("user_error") else RuntimeError)(r["error"])
     return reports
+
+
+def run_job(job: dict, backbone, device) -> dict:
+    """Ranks > 0: run a "run" job (its function, on this rank's backbone and device); the report
+    rank 0 gathers once every rank is done (with the function's own, when it returns a dict)."""
+    report = job["fn"](backbone, device, **job["kwargs"])
+    return {"computed": 0, "reused": 0, **(report if isinstance(report, dict) else {})}

@@ -238,12 +238,16 @@ def _chunk_done(cache: FeatureCache, base: dict, layers: list[int], chunk: tuple
 
 
 def serve_extraction(backbone, device: torch.device) -> int:
-    """Ranks > 0 under torchrun: run the extraction jobs rank 0 sends until it sends STOP; returns 0."""
+    """Ranks > 0 under torchrun: run the jobs rank 0 sends (extraction, or a "run" job: see
+    features.distributed) until it sends STOP; returns 0."""
     rank_info = parallel.info()
     while (job := distributed.receive_job()) is not None:
         try:
-            report = run_extraction_job(backbone, job, device, rank=rank_info.rank,
-                                        world_size=rank_info.world_size)
+            if job.get("op") == "run":  # e.g. a streamed probe trained by every rank in step
+                report = distributed.run_job(job, backbone, device)
+            else:
+                report = run_extraction_job(backbone, job, device, rank=rank_info.rank,
+                                            world_size=rank_info.world_size)
         except Exception as err:  # noqa: BLE001 - reported to rank 0, which raises it as one line
             report = distributed.failure_report(err)
         distributed.send_report(report)
@@ -339,7 +343,7 @@ def _extract_claimed(backbone, job: dict, claims: _ChunkClaims, device: torch.de
     cache = claims.cache
     base, layers = job["base"], job["layers"]
     loader = DataLoader(job["items"], batch_sampler=claims, num_workers=job["num_workers"],
-                        collate_fn=collate_indexed, pin_memory=False)
+                        collate_fn=collate_indexed, pin_memory=device.type == "cuda")  # faster host->GPU copies
     state = None  # the chunk being filled: writers, labels/groups, skipped items
     committed = 0
     try:

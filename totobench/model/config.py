@@ -60,11 +60,16 @@ class TotoConfig:
     num_frames: int = 16      # frames per video clip
     frame_stride: int = 4     # take every k-th frame of a video
     images_per_sequence: int = 16
+    # muP (pretrain/mup.py): the width the hyper-parameters were tuned at; logits are scaled by
+    # mup_base_dim / dim and attention scores by 1 / head_dim. None: standard parametrization.
+    mup_base_dim: int | None = None
 
     def __post_init__(self):
         check_positive_fields(self, ("dim", "n_layers", "n_heads", "mlp_hidden", "codebook_size", "vocab_size",
                                      "max_seq_len", "resolution", "patch_size", "num_frames", "frame_stride",
                                      "images_per_sequence"), ("rope_base", "norm_eps"), "TotoConfig")
+        if self.mup_base_dim is not None:
+            check_positive_fields(self, ("mup_base_dim",), (), "TotoConfig")
         if self.dim % self.n_heads:
             raise ConfigError(f"TotoConfig: dim={self.dim} must be divisible by n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from totobench.errors import CheckpointError
+from totobench.errors import CheckpointError, ConfigError
 from totobench.io import atomic_write, atomic_write_json
 from totobench.model.checkpoint import read_json, weights_bytes
 from totobench.model.config import TotoConfig
@@ -76,7 +76,11 @@ def hf_llama_config(config: TotoConfig) -> dict:
 
 def save_hf_llama(directory, config: TotoConfig, state_dict: Mapping[str, torch.Tensor]) -> Path:
     """Write `config.json` + `model.safetensors` (fp32, each file atomically) that
-    `LlamaForCausalLM.from_pretrained` loads, from a Toto's config and state dict. Returns the folder."""
+    `LlamaForCausalLM.from_pretrained` loads, from a Toto's config and state dict. Returns the folder.
+    Raises ConfigError for a muP model: Llama has no logit multiplier nor 1/head_dim attention scale."""
+    if config.mup_base_dim:
+        raise ConfigError(f"save_hf_llama: a muP model (mup_base_dim {config.mup_base_dim}) scales its logits and "
+                          f"attention scores in ways a transformers Llama config cannot express")
     directory = Path(directory)
     atomic_write(directory / "model.safetensors", weights_bytes({_hf_name(k): v for k, v in state_dict.items()}))
     atomic_write_json(directory / "config.json", hf_llama_config(config))

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from totobench.errors import CheckpointError, ConfigError
-from totobench.model.backbone import (RANDOM_INIT, Backbone, ModelInputs, list_models, load_backbone, load_tokenizer,
-                                       resolve_checkpoint)
+from totobench.model.backbone import (RANDOM_INIT, Backbone, ModelInputs, full_precision, list_models, load_backbone,
+                                       load_tokenizer, resolve_checkpoint)
 from totobench.model.checkpoint import (frozen, read_config, read_tokenizer, read_training, read_weights,
                                          sha256_bytes, state_sha256, weights_bytes)
 from totobench.model.config import PRESETS, TotoConfig
@@ -77,7 +77,8 @@ class TokenBackbone(Backbone):
         return ids.reshape(B, T, *ids.shape[1:])
 
     def _forward(self, frames, layers, kind):
-        ids = self.tokenize(frames)                                     # [B, T, h, w]
+        with full_precision(frames.device):                             # codes flip under bf16
+            ids = self.tokenize(frames)                                 # [B, T, h, w]
         B, T, h, w = ids.shape
         if kind == "image":
             sequences, start = ids.reshape(B * T, h * w), self.layout.image_start_id

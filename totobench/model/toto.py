@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from totobench.errors import ConfigError
 from totobench.model import checkpoint, hf
@@ -62,6 +63,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
+        self.scale = 1.0 / config.head_dim if config.mup_base_dim else None  # None: SDPA's 1/sqrt(head_dim)
         self.wq = nn.Linear(config.dim, config.dim, bias=False)
         self.wk = nn.Linear(config.dim, config.dim, bias=False)
         self.wv = nn.Linear(config.dim, config.dim, bias=False)
@@ -73,7 +75,7 @@ class Attention(nn.Module):
         # rotate while [B, L, H, hd] is contiguous, then move heads forward for attention
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True)
+                                           is_causal=True, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -114,6 +116,8 @@ class Toto(nn.Module):
         cos, sin = rope_cos_sin(config.max_seq_len, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # training only: recompute each block's activations in the backward pass instead of keeping them
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2 style: shrink the projections that write into the residual stream with depth
         for name, p in self.named_parameters():
@@ -151,8 +155,13 @@ class Toto(nn.Module):
         x = self.tok_embeddings(tokens)
         cos, sin = self._rope(tokens.shape[1], x.device)
         for block in self.layers:
-            x = block(x, cos, sin)
-        return self.output(self.norm(x))
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        logits = self.output(self.norm(x))
+        # muP readout: logits shrink as 1/width so their updates stay O(1) at any width
+        return logits * (self.config.mup_base_dim / self.config.dim) if self.config.mup_base_dim else logits
 
     def resolve_layers(self, layers) -> list[int]:
         """Layer indices (negatives count from the end) -> non-negative indices, same order.

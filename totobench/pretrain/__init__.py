@@ -18,9 +18,14 @@ Data order is a pure function of (seed, step, sample index): `--resume` after a 
 from the last checkpoint with the same batches and optimizer state, so it reproduces the
 uninterrupted run; a run with N processes sees the same global batches as a single process.
 
+With `data.shards: DIR` (token shards of `totobench tokenize`, `shards.py`) stages 1-2 are skipped:
+training streams sequences from the shards (memory independent of the corpus size) and the
+checkpoint records the shards' tokenizer.
+
 Modules, in stage order: `config` (the YAML), `corpus` (files, frames, token corpus, batches),
-`tokenizer_stage` (stages 1-2), `train` (stage 3), `card` (loss curve, model card), `pipeline`
-(`pretrain()`, the stages in order).
+`tokenizer_stage` (stages 1-2, and `totobench tokenize`), `shards` (token shards: writer, index,
+ShardCorpus), `train` (stage 3), `card` (loss curve, model card), `pipeline` (`pretrain()`, the
+stages in order).
 """
 
 from totobench.pretrain.config import load_pretrain_config

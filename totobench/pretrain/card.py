@@ -76,6 +76,15 @@ def model_card(f: dict, cfg: dict) -> str:
     src_lines = "\n".join(f"| {s['kind']} | `{s['path']}` | {s['weight']} | {s['train_files']} | {s['heldout_files']} |"
                           for s in f["data"]["sources"])
     cfg_text = yaml.safe_dump(f["config"], sort_keys=False).strip()
+    d = cfg["data"]
+    root_line = f"""Root: the data world (`totobench.data.world.ensure_data_world("{d['world_size']}", seed={d['world_seed']})`)."""
+    tk_text = _shard_tokenizer(tk) if "config" not in tk else f"""A VQ-VAE (`totobench/model/tokenizer.py`): \
+a {tk['config']['stem']}x{tk['config']['stem']} stem then stride-2
+stages down to 8x, unit-length latents, a codebook of {mc.codebook_size} x {tk['config']['code_dim']} updated by
+exponential moving averages, dead codes restarted on encoder outputs ({tk['code_restarts']} restarts in
+training); {tk['steps']} of {tk.get('steps_planned', tk['steps'])} planned steps of batch {tk['batch_size']}
+(crops: {tk.get('crop') or 'none'}) on {tk['train_frames']} training frames.
+Files: `tokenizer/config.json`, `tokenizer/model.safetensors`."""
     return f"""# {cfg.get('name', 'toto')}
 
 A small LLaMA-style causal transformer over discrete visual tokens (the Toto recipe of
@@ -96,7 +105,7 @@ of each folder out).
 
 ## Data
 
-Root: the data world (`totobench.data.world.ensure_data_world("{cfg['data']['world_size']}", seed={cfg['data']['world_seed']})`).
+{f"Token shards: `{f['data']['shards']}` (`totobench tokenize`)." if f['data'].get('shards') else root_line}
 
 | kind | folder | weight | train files | held-out files |
 |---|---|---|---|---|
@@ -104,12 +113,7 @@ Root: the data world (`totobench.data.world.ensure_data_world("{cfg['data']['wor
 
 ## Tokenizer
 
-A VQ-VAE (`totobench/model/tokenizer.py`): a {tk['config']['stem']}x{tk['config']['stem']} stem then stride-2
-stages down to 8x, unit-length latents, a codebook of {mc.codebook_size} x {tk['config']['code_dim']} updated by
-exponential moving averages, dead codes restarted on encoder outputs ({tk['code_restarts']} restarts in
-training); {tk['steps']} of {tk.get('steps_planned', tk['steps'])} planned steps of batch {tk['batch_size']}
-(crops: {tk.get('crop') or 'none'}) on {tk['train_frames']} training frames.
-Files: `tokenizer/config.json`, `tokenizer/model.safetensors`.
+{tk_text}
 
 ## Loss curve
 
@@ -125,10 +129,19 @@ Files: `tokenizer/config.json`, `tokenizer/model.safetensors`.
 """
 
 
+def _shard_tokenizer(tk: dict) -> str:
+    """The tokenizer section of a run on token shards: the tokenizer they were made with."""
+    return (f"`{tk['spec']}` (sha256 `{tk['sha256']}`), the tokenizer the token shards were made with"
+            + (": copied to `tokenizer/`." if tk['spec'].startswith("vqvae:") else "."))
+
+
 def _card_table(f: dict, mc: TotoConfig) -> str:
     """The model card's summary table: architecture, data, training, losses, tokenizer quality."""
     tk = f["tokenizer"]
-    h = tk["heldout"]
+    h = tk.get("heldout")
+    tk_rows = (f"""| tokenizer held-out PSNR | {h['psnr_db']:.2f} dB on {h['num_frames']} frames of held-out files |
+| tokenizer codebook usage | {h['codebook_usage']:.1%} ({h['codes_used']} of {mc.codebook_size} codes) on the same frames |"""
+               if h else f"| tokenizer | `{tk['spec']}`, the token shards' (not measured here) |")
     mins = f["total_wall_time_s"] / 60
     return f"""| | |
 |---|---|
@@ -142,6 +155,5 @@ def _card_table(f: dict, mc: TotoConfig) -> str:
 | wall time | {mins:.1f} min in total (tokenizer {tk['wall_time_s'] / 60:.1f}, tokenizing the corpus {(f['tokenize_wall_time_s'] or 0) / 60:.1f}, transformer {f['train_wall_time_s'] / 60:.1f}); {f['processes']} process(es) x {f['threads_per_process']} thread(s), CPU fp32 |
 | final train loss | {f['final_train_loss']:.4f} nats/token (mean of the last 5 logged: {f['final_train_loss_mean_last5_logged']:.4f}) |
 | **held-out next-token loss** | **{f['heldout_loss']:.4f}** nats/token; random init (torch seed 0, same tokenizer): {f['heldout_loss_random_init']:.4f}; uniform over the vocabulary: {math.log(mc.vocab_size):.4f} |
-| tokenizer held-out PSNR | {h['psnr_db']:.2f} dB on {h['num_frames']} frames of held-out files |
-| tokenizer codebook usage | {h['codebook_usage']:.1%} ({h['codes_used']} of {mc.codebook_size} codes) on the same frames |
+{tk_rows}
 | weights sha256 | `{f['sha256']}` |"""

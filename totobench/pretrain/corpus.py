@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from totobench.data.preprocess import resize_and_crop
-from totobench.errors import DataError
+from totobench.errors import ConfigError, DataError
 from totobench.model.sequence import build_sequence, clip_frame_indices, clip_span, num_clip_starts
 from totobench.model.toto import TotoConfig
 from totobench.progress import progress_bar
@@ -20,10 +20,14 @@ VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".webm")
 SPLITS = ("train", "heldout")
 
 
+def heldout_bucket(relpath: str) -> int:
+    """A file's held-out bucket in [0, 10000): a stable hash of its path, not its position."""
+    return int(hashlib.sha1(relpath.encode()).hexdigest()[:8], 16) % 10000
+
+
 def _heldout(relpath: str, fraction: float) -> bool:
-    """Whether a file belongs to the held-out split: a stable hash of its path, not its position."""
-    h = int(hashlib.sha1(relpath.encode()).hexdigest()[:8], 16)
-    return h % 10000 < fraction * 10000
+    """Whether a file belongs to the held-out split: its bucket is below fraction * 10000."""
+    return heldout_bucket(relpath) < fraction * 10000
 
 
 def data_root(cfg: dict) -> Path:
@@ -60,6 +64,38 @@ def list_sources(cfg: dict, root: Path) -> list[dict]:
             held = files[-1:]  # tiny folders: still keep one file out
         train = [f for f in files if f not in set(held)]
         out.append({**src, "weight": float(src.get("weight", 1.0)), "train": train, "heldout": held})
+    return out
+
+
+def source_files(source: str | Path) -> list[tuple[str, Path]]:
+    """(key, path) of every image and video of a `totobench tokenize` source, in a fixed order.
+
+    A folder is searched recursively (hidden entries skipped; Kinetics, ImageNet and Ego4D roots
+    are such folders), sorted by relative path; key = "<folder name>/<relative path>", the path
+    corpus.list_sources hashes for a folder under a data root. A text file lists one path per line
+    (relative to the list's folder; a `path label` line of a Kinetics list works; blank and `#`
+    lines ignored), in its order; key = the path as written. Missing listed files stay in the list
+    (the tokenizer skips and reports them). Raises ConfigError when `source` does not exist,
+    DataError when a folder holds no image or video."""
+    source = Path(source).expanduser()
+    media = IMAGE_SUFFIXES + VIDEO_SUFFIXES
+    if source.is_dir():
+        rels = sorted(str(p.relative_to(source)) for p in source.rglob("*")
+                      if p.suffix.lower() in media and p.is_file()
+                      and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        if not rels:
+            raise DataError(f"{source}: no image or video files ({', '.join(media)}) under this folder")
+        return [(f"{source.resolve().name}/{rel}", source / rel) for rel in rels]
+    if not source.is_file():
+        raise ConfigError(f"--source {source}: not found; expected a folder or a text file listing files")
+    out = []
+    for line in source.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        path = parts[0] if len(parts) == 2 and not line.lower().endswith(media) else line
+        out.append((path, source.parent / path))
     return out
 
 

@@ -3,13 +3,13 @@
 The heads (`probe.head`: "aim", the default, "vjepa", "mha") live in probes/attentive_heads.py.
 `AttentiveProbeGrid` trains probes for several layers x lrs x wds from streamed batches (one
 backbone pass yields every layer's tokens), selects on a held-out slice, and can be resumed;
-`fit_attentive_grid` does the same from cached features; `AttentiveProbe` is the registered probe.
+`fit_attentive_rows` feeds it from features.stream.Rows (cached features, or features the backbone
+computes at every read: the same batches either way), `fit_attentive_grid` from feature arrays;
+`AttentiveProbe` is the registered probe (`fit` and `fit_streamed` are one code path).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Iterable, Literal
@@ -19,14 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from totobench.errors import CheckpointError, ConfigError
-from totobench.io import atomic_path, lock_beside
+from totobench.features.stream import ArrayRows, Rows
+from totobench.io import atomic_path
 from totobench.metrics.classification import topk_correct, true_class_rank
 from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec,
-                                   classification_results, labels_tensor)
+                                   classification_results, held_state, rows_of, state_file)
 # the heads, also importable from here (tests and users name them with the probe)
 from totobench.probes.attentive_heads import (HEADS, AimProbes, AttentiveHead, AttentiveProbes,  # noqa: F401
                                               Head, VJepaProbes, make_probes, spacetime_sincos)
-from totobench.probes.grid import GridAdamW, cosine_lr_scale, gather_rows, holdout_split
+from totobench.probes.grid import GridAdamW, cosine_lr_scale, holdout_split
 from totobench.progress import progress_bar
 
 DEFAULT_LRS = (1e-3, 3e-4)
@@ -171,7 +172,8 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
                                 state_path: str | Path | None = None,
                                 on_epoch: Callable[[int, float], None] | None = None,
                                 return_scores: bool = False,
-                                positions: tuple[int, int, int] | None = None, head: str = "mha") -> dict[int, dict]:
+                                positions: tuple[int, int, int] | None = None, head: str = "mha",
+                                save_state: bool = True) -> dict[int, dict]:
     """Train an AttentiveProbeGrid for `epochs` over streamed batches, select, report on val.
 
     train_batches(epoch), holdout_batches() and val_batches() each return a fresh iterable of
@@ -179,7 +181,8 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
     and shuffles train by epoch (so a resumed run sees the same batches as an uninterrupted one). The cosine schedule needs the number of
     batches per epoch: steps_per_epoch, else len() of the first train iterable, else constant lr.
     state_path: the grid is saved there (atomically) after every epoch and a run resumes from it
-    (one process per path: AttentiveProbe.fit holds a lock beside it).
+    (one process per path: AttentiveProbe.fit holds a lock beside it); save_state=False only reads it
+    (torchrun ranks > 0, which train in step with rank 0).
     on_epoch(epoch, mean_loss) is called after each epoch (progress display).
     Returns {layer: {"metrics": {"top1", "top5"} on val, "best_hparams": {"lr", "wd", "num_heads"},
     "select_score": held-out top-1}} (the probes are trained without the held-out slice; no refit).
@@ -205,7 +208,7 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
         start_epoch = saved["epoch"] + 1
     for epoch in range(start_epoch, epochs):
         losses = [grid.train_step(tokens, labels) for tokens, labels in train_batches(epoch)]
-        if state_path is not None:
+        if state_path is not None and save_state:
             with atomic_path(state_path) as tmp:
                 torch.save({"grid": grid.state_dict(), "epoch": epoch}, tmp)
         if on_epoch is not None:
@@ -225,7 +228,7 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
             if return_scores:
                 scores[layer].append(logits.cpu())
         seen += len(labels)
-    out = {layer: {"metrics": {f"top{k}": correct[layer][k] / seen for k in (1, 5)}, **selection[layer]}
+    out = {layer: {"metrics": {f"top{k}": correct[layer][k] / max(1, seen) for k in (1, 5)}, **selection[layer]}
            for layer in layers}
     if return_scores:
         for layer in layers:
@@ -242,32 +245,46 @@ def fit_attentive_grid(train: dict, train_labels, val: dict, val_labels, num_cla
     """The attentive grid on stored token features, with the linear grid's signature.
 
     train: {layer: tokens [N, L, D]} (tensors or numpy arrays/memmaps, any float dtype), val:
-    {layer: [M, L, D]}; a stratified `holdout` slice of train selects (lr, wd). Batches are read
-    row by row from the arrays (never copied whole), shuffled per epoch with `seed`.
+    {layer: [M, L, D]}; see fit_attentive_rows (which this calls on ArrayRows of both).
+    """
+    if set(val) != set(train):
+        raise ValueError(f"train and val must hold the same layers, got {sorted(train)} and {sorted(val)}")
+    return fit_attentive_rows(ArrayRows(train, train_labels), ArrayRows(val, val_labels), num_classes, lrs, wds,
+                              epochs, batch_size, holdout, num_heads, warmup_epochs, seed, device, state_path,
+                              return_scores=return_scores, positions=positions, head=head, on_epoch=on_epoch)
+
+
+def fit_attentive_rows(train: Rows, val: Rows, num_classes: int, lrs=DEFAULT_LRS, wds=DEFAULT_WDS, epochs: int = 10,
+                       batch_size: int = 64, holdout: float = 0.1, num_heads: int = 8, warmup_epochs: float = 0.0,
+                       seed: int = 0, device="cpu", state_path: str | Path | None = None, *,
+                       save_state: bool = True, return_scores: bool = False,
+                       positions: tuple[int, int, int] | None = None, head: str = "mha",
+                       on_epoch: Callable[[int, float], None] | None = None) -> dict[int, dict]:
+    """The attentive grid on rows read batch by batch (features.stream.Rows: stored or streamed).
+
+    A stratified `holdout` slice of train selects (lr, wd); the rest is shuffled per epoch with
+    (seed, epoch) and read in batches of batch_size from `train.for_epoch(epoch)` (the same batches
+    whether the rows are stored or streamed). Pooled rows [b, D] are read as one token each.
     Returns the per-layer dict of `fit_attentive_grid_streamed`.
     """
     if batch_size < 1:
         raise ConfigError(f"probe.batch_size must be >= 1, got {batch_size}")
-    layers = list(train)
-    if set(val) != set(layers):
-        raise ValueError(f"train and val must hold the same layers, got {sorted(train)} and {sorted(val)}")
-    train_labels = torch.as_tensor(train_labels).long().cpu()
-    val_labels = torch.as_tensor(val_labels).long().cpu()
-    fit_idx, holdout_idx = holdout_split(train_labels, holdout, seed)
+    layers = train.layers
+    fit_idx, holdout_idx = holdout_split(train.labels, holdout, seed)
 
-    def batches(features, labels, index, epoch=None):
+    def batches(rows: Rows, index, epoch=None):
         if epoch is not None:  # shuffle by (seed, epoch): resuming replays the same order
             index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))]
-        for start in range(0, len(index), batch_size):
-            rows = index[start:start + batch_size]
-            yield {layer: gather_rows(features[layer], rows) for layer in layers}, labels[rows]
+        for feats, read in rows.read(index, batch_size):
+            if len(read):  # a streamed batch whose items were all unreadable has nothing to step on
+                yield as_tokens(feats), rows.labels[read]
 
     return fit_attentive_grid_streamed(
-        lambda epoch: batches(train, train_labels, fit_idx, epoch), lambda: batches(train, train_labels, holdout_idx),
-        lambda: batches(val, val_labels, torch.arange(len(val_labels))), layers, train[layers[0]].shape[-1], num_classes,
+        lambda epoch: batches(train.for_epoch(epoch), fit_idx, epoch), lambda: batches(train, holdout_idx),
+        lambda: batches(val, torch.arange(len(val))), layers, train.row_shape[-1], num_classes,
         lrs, wds, epochs, num_heads, warmup_epochs, steps_per_epoch=-(-len(fit_idx) // batch_size), seed=seed,
         device=device, state_path=state_path, on_epoch=on_epoch, return_scores=return_scores, positions=positions,
-        head=head)
+        head=head, save_state=save_state)
 
 
 @dataclass(frozen=True)
@@ -284,6 +301,7 @@ class AttentiveSpec(ProbeSpec):
     holdout: float = field(default=0.1, metadata={"gt": 0, "lt": 1})
     num_heads: int | None = field(default=None, metadata={"min": 1})   # null: the model's heads (8 without any)
     warmup_epochs: float = field(default=0.0, metadata={"min": 0})
+    augment: bool = False      # train on the task's augmented views (task.augmented), streamed every epoch
     searched: ClassVar[tuple[str, ...]] = ("lrs", "wds")
 
     def check(self, where: str) -> None:
@@ -333,47 +351,43 @@ class AttentiveProbe(Probe):
             out.append(f"tokens {spec.pooling}-pooled before the probe; the paper's probe reads every token")
         if spec.positions != "none":
             out.append(f"a learnable {spec.positions} position embedding inside the probe (our addition)")
-        out.append("trained on cached features, without the augmentation the reference probes train with")
+        if not spec.augment:
+            out.append("trained on cached features, without the augmentation the reference probes train with")
         return out
 
     @staticmethod
     def state_file(train: ProbeData, spec: AttentiveSpec, ctx: ProbeContext) -> Path | None:
         """Where `fit` saves the grid after every epoch, so that a killed run resumes (None without
-        ctx.state_dir); keyed so that other settings never reuse it. While a process trains, it
-        holds the lock beside it (`totobench.io.lock_beside`); a second process training the same
-        probe meanwhile keeps no state, rather than share the file."""
-        if ctx.state_dir is None:
-            return None
-        key = json.dumps([spec.as_dict(), ctx.run_key, train.layers, len(train.labels), ctx.seed], sort_keys=True)
-        return Path(ctx.state_dir) / f"attentive_state_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+        ctx.state_dir; see probes.base.state_file). While a process trains, it holds the lock beside
+        it (probes.base.held_state); a second process training the same probe meanwhile keeps no
+        state, rather than share the file."""
+        return state_file("attentive_state", train, spec, ctx)
 
     def fit(self, train: ProbeData, val: ProbeData, spec: AttentiveSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
         """Train the grid; each layer's best_hparams holds the chosen lr and wd and the num_heads that ran."""
-        num_heads = resolve_num_heads(spec, ctx, train.feats[train.layers[0]].shape[-1])
+        return self.fit_streamed(train, val, spec, ctx)
+
+    def fit_streamed(self, train: ProbeData, val: ProbeData, spec: AttentiveSpec,
+                     ctx: ProbeContext) -> dict[int, LayerResult]:
+        """`fit` on rows read batch by batch (`train.rows`, `val.rows`; stored features when None):
+        one code path, so stored and streamed features of the same batches give the same numbers."""
+        train_rows, val_rows = rows_of(train), rows_of(val)
+        num_heads = resolve_num_heads(spec, ctx, train_rows.row_shape[-1])
         positions = None
         if spec.positions == "spacetime":
             if train.token_grid is None or len(train.token_grid) != 3:
                 raise ConfigError(f"probe.positions 'spacetime' needs a (frames, rows, cols) token grid, "
                                   f"got {train.token_grid}")
             positions = tuple(train.token_grid)
-        state_path, state_lock = self.state_file(train, spec, ctx), None
-        if state_path is not None:
-            state_lock = lock_beside(state_path)
-            if not state_lock.try_acquire():  # another live process trains this very probe: never share its state
-                state_path, state_lock = None, None
-        try:
-            with progress_bar(ctx.console, fields="loss {task.fields[loss]}", disable=ctx.console is None) as shown:
-                job = shown.add_task(f"{ctx.desc or 'attentive'} probe epochs", total=spec.epochs, loss="-")
-                out = fit_attentive_grid(
-                    as_tokens(train.feats), labels_tensor(train), as_tokens(val.feats), labels_tensor(val),
-                    train.num_classes, lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs, batch_size=spec.batch_size,
-                    holdout=spec.holdout, num_heads=num_heads, warmup_epochs=spec.warmup_epochs, seed=ctx.seed,
-                    device=ctx.device, state_path=state_path, return_scores=ctx.keep_outputs, positions=positions,
-                    head=spec.head,
-                    on_epoch=lambda epoch, loss: shown.update(job, completed=epoch + 1, loss=f"{loss:.3f}"))
-            if state_path is not None:
-                state_path.unlink(missing_ok=True)
-        finally:
-            if state_lock is not None:
-                state_lock.release()
+        console = ctx.console if ctx.primary else None
+        with held_state(self.state_file(train, spec, ctx), ctx) as state_path, \
+                progress_bar(console, fields="loss {task.fields[loss]}", disable=console is None) as shown:
+            what = "streamed probe epochs" if train_rows.streamed else "probe epochs"
+            job = shown.add_task(f"{ctx.desc or 'attentive'} {what}", total=spec.epochs, loss="-")
+            out = fit_attentive_rows(
+                train_rows, val_rows, train.num_classes, lrs=spec.lrs, wds=spec.wds, epochs=spec.epochs,
+                batch_size=spec.batch_size, holdout=spec.holdout, num_heads=num_heads,
+                warmup_epochs=spec.warmup_epochs, seed=ctx.seed, device=ctx.device, state_path=state_path,
+                save_state=ctx.primary, return_scores=ctx.keep_outputs, positions=positions, head=spec.head,
+                on_epoch=lambda epoch, loss: shown.update(job, completed=epoch + 1, loss=f"{loss:.3f}"))
         return classification_results(out)

@@ -9,20 +9,30 @@ propagation) and returns, per layer, what the task scores: `LayerResult.outputs`
 detections, soft masks or a policy: the kind is the probe's `produces`) and, where the probe
 selects hyper-parameters itself, its metrics on val, the chosen setting and its selection score.
 
+Probes that train in epochs over batches (linear, attentive) also have `fit_streamed(train, val,
+spec, ctx)`: the same training, reading `ProbeData.rows` (`features.stream.Rows`: rows by index,
+from the cache or computed by the backbone at every read) instead of whole feature arrays; it is
+what a task calls when its train features do not fit the cache budget. The others raise ConfigError.
+
 A task declares the kind of output it consumes; the task config is rejected before any work when
 its probe produces another kind. Tasks never switch on probe names.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from totobench.errors import ConfigError
+from totobench.features.stream import ArrayRows
+from totobench.io import lock_beside
 from totobench.settings import Settings
 
 # What a probe gives the task to score (a task consumes exactly one kind).
@@ -46,6 +56,13 @@ class ProbeSpec(Settings):
             raise ConfigError(f"{where}.pooling: expected mean, tokens, tokens_pool<k> or last_frame, "
                               f"got {self.pooling!r}")
 
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; `augment` only when on, so results made before it existed still answer."""
+        out = super().as_dict()
+        if out.get("augment") is False:
+            del out["augment"]
+        return out
+
     @property
     def grid(self) -> dict[str, list]:
         """The hyper-parameters searched (list-valued settings)."""
@@ -68,6 +85,7 @@ class ProbeData:
     num_classes: int | None = None
     targets: Any = None                           # task-specific targets (STA boxes, first masks, actions)
     token_grid: tuple[int, ...] | None = None     # (frames, rows, cols) of each row's tokens
+    rows: Any = None                              # features.stream.Rows for fit_streamed (feats then unused)
 
     @property
     def layers(self) -> list[int]:
@@ -85,6 +103,7 @@ class ProbeContext:
     model_heads: int | None = None    # attention heads of the model read (None: it has none, e.g. pixels)
     console: Any = None               # a rich Console for progress lines (None: silent)
     desc: str = ""                    # what the progress lines are about, e.g. the task name
+    primary: bool = True              # False on torchrun ranks > 0: they train in step but write no state
 
 
 @dataclass
@@ -106,6 +125,12 @@ class Probe:
             ctx: ProbeContext) -> dict[int, LayerResult]:
         raise NotImplementedError
 
+    def fit_streamed(self, train: ProbeData, val: ProbeData, spec: ProbeSpec,
+                     ctx: ProbeContext) -> dict[int, LayerResult]:
+        """`fit` reading `train.rows` and `val.rows` (features.stream.Rows) batch by batch; the same
+        numbers as `fit` on the same features. ConfigError for a probe that cannot stream."""
+        raise ConfigError(f"probe {spec.name} cannot stream its training features; raise --cache-budget")
+
     def selection_split(self, spec: ProbeSpec) -> str:
         holdout = getattr(spec, "holdout", None)
         return f"train-holdout-{int(holdout * 100)}pct" if holdout is not None else self.selection
@@ -126,3 +151,38 @@ def classification_results(out: dict[int, dict]) -> dict[int, LayerResult]:
 
 def labels_tensor(data: ProbeData) -> torch.Tensor:
     return torch.from_numpy(np.array(data.labels))
+
+
+def rows_of(data: ProbeData):
+    """The split as features.stream.Rows: `data.rows`, else its stored features."""
+    return data.rows if data.rows is not None else ArrayRows(data.feats, data.labels)
+
+
+def state_file(prefix: str, train: ProbeData, spec: ProbeSpec, ctx: ProbeContext) -> Path | None:
+    """Where a resumable probe saves its state after every epoch (None without ctx.state_dir): keyed by
+    the spec, the features (ctx.run_key), the layers, the train size and the seed, so that other
+    settings never reuse it."""
+    if ctx.state_dir is None:
+        return None
+    key = json.dumps([spec.as_dict(), ctx.run_key, train.layers, len(train.labels), ctx.seed], sort_keys=True)
+    return Path(ctx.state_dir) / f"{prefix}_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
+
+@contextmanager
+def held_state(path: Path | None, ctx: ProbeContext) -> Iterator[Path | None]:
+    """The state file while a probe trains: held under its lock (`totobench.io.lock_beside`) and
+    removed once the fit returns. None when `path` is None or another live process holds the lock
+    (that process trains the very same probe: never share its state). Ranks > 0 (ctx.primary False)
+    get the path to read, without the lock; they never write it."""
+    if path is None or not ctx.primary:
+        yield path
+        return
+    lock = lock_beside(path)
+    if not lock.try_acquire():
+        yield None
+        return
+    try:
+        yield path
+        path.unlink(missing_ok=True)
+    finally:
+        lock.release()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from totobench.probes.base import POLICY, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
+from totobench.progress import progress_bar
 
 
 class BCPolicy(nn.Module):
@@ -109,9 +110,13 @@ class BcMlpProbe(Probe):
 
     def fit(self, train: ProbeData, val: ProbeData | None, spec: BcMlpSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
         out = {}
-        for layer in train.layers:
-            policy, info = train_bc_policy(train.feats[layer], train.targets, hidden=spec.hidden, epochs=spec.epochs,
-                                           lr=spec.lr, weight_decay=spec.weight_decay, batch_size=spec.batch_size,
-                                           seed=ctx.seed)
-            out[layer] = LayerResult(outputs=policy, facts={"train_mse": info["train_mse"], "train_steps": info["steps"]})
+        with progress_bar(ctx.console, fields="train mse {task.fields[mse]}", disable=ctx.console is None) as shown:
+            job = shown.add_task(f"{ctx.desc or 'BC'} policies (one per layer)", total=len(train.layers), mse="-")
+            for layer in train.layers:
+                policy, info = train_bc_policy(train.feats[layer], train.targets, hidden=spec.hidden,
+                                               epochs=spec.epochs, lr=spec.lr, weight_decay=spec.weight_decay,
+                                               batch_size=spec.batch_size, seed=ctx.seed)
+                out[layer] = LayerResult(outputs=policy,
+                                         facts={"train_mse": info["train_mse"], "train_steps": info["steps"]})
+                shown.update(job, advance=1, mse=f"{info['train_mse']:.4f}")
         return out

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from totobench.errors import ConfigError, DataError
+from totobench.features.stream import gather_rows  # noqa: F401 - the probes' row reader lives with the rows
 
 
 def holdout_split(labels: torch.Tensor, fraction: float = 0.1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,15 +48,6 @@ def holdout_split(labels: torch.Tensor, fraction: float = 0.1, seed: int = 0) ->
         raise DataError(f"train split has {len(labels)} items: a {fraction:.0%} held-out slice "
                         f"leaves {len(fit)} to fit and {len(holdout)} to select on (need >= 1 each)")
     return fit, holdout
-
-
-def gather_rows(features, index: torch.Tensor, device="cpu") -> torch.Tensor:
-    """Rows `index` of a feature array (torch tensor, numpy array or memmap, any float dtype) as fp32 on device."""
-    if isinstance(features, torch.Tensor):
-        rows = features[index.to(features.device)]
-    else:
-        rows = torch.from_numpy(np.ascontiguousarray(features[index.numpy()]))
-    return rows.to(device=device, dtype=torch.float32)
 
 
 def cosine_lr_scale(step: int, total_steps: int | None, warmup_steps: int = 0) -> float:

@@ -1,7 +1,8 @@
 """kNN classification on frozen features: cosine similarity, temperature-weighted votes (as in DINO).
 
 Features are L2-normalised, so faiss' exact inner-product index gives cosine similarity. Each
-neighbour votes exp(sim / T) for its class. One search at the largest k serves every k.
+neighbour votes exp(sim / T) for its class. One search at the largest k serves every k. The index
+lives on the GPU when the run does and faiss has GPU support (faiss-gpu-cu12, the `gpu` extra).
 """
 
 from __future__ import annotations
@@ -26,18 +27,28 @@ def _normalised(features) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def flat_ip_index(dim: int, device="cpu"):
+    """An exact inner-product faiss index of `dim`-vectors: on the GPU when `device` is CUDA and the
+    installed faiss was built with GPU support, else on the CPU."""
+    import faiss
+    index = faiss.IndexFlatIP(dim)
+    device = torch.device(device)
+    if device.type == "cuda" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), device.index or 0, index)
+    return index
+
+
 def knn_classify(train_feats, train_labels, test_feats, num_classes: int, ks=(10, 20),
-                 temperature: float = 0.07, batch_size: int = 4096) -> dict[int, torch.Tensor]:
+                 temperature: float = 0.07, batch_size: int = 4096, device="cpu") -> dict[int, torch.Tensor]:
     """Class scores of every test item from its k nearest train items, for each k.
 
     train_feats [N, D], train_labels [N], test_feats [M, D] (tensors or arrays).
     Returns {k: scores [M, C] fp32 CPU tensor}: the sum over the k most cosine-similar train
     items of exp(similarity / temperature), per class. A k above N uses all N train items.
-    Queries run in chunks of batch_size, so memory stays flat as M grows.
+    Queries run in chunks of batch_size, so memory stays flat as M grows; the search runs on
+    `device` when faiss can (see flat_ip_index), the scores are on the CPU either way.
     Raises ConfigError on an empty ks, a k < 1 or a non-positive temperature.
     """
-    import faiss
-
     if not ks or min(ks) < 1:
         raise ConfigError(f"probe.ks must be a non-empty list of k >= 1, got {list(ks)}")
     if temperature <= 0:
@@ -45,7 +56,7 @@ def knn_classify(train_feats, train_labels, test_feats, num_classes: int, ks=(10
     train = _normalised(train_feats)
     test = _normalised(test_feats)
     labels = torch.as_tensor(train_labels).long().cpu()
-    index = faiss.IndexFlatIP(train.shape[1])
+    index = flat_ip_index(train.shape[1], device)
     index.add(train)
     depth = {k: min(k, len(train)) for k in ks}
     max_k = max(depth.values())
@@ -66,7 +77,7 @@ def knn_classify(train_feats, train_labels, test_feats, num_classes: int, ks=(10
 
 def fit_knn_layers(train: dict, train_labels, val: dict, val_labels, num_classes: int, ks=(10, 20),
                    temperature: float = 0.07, holdout: float = 0.1, seed: int = 0,
-                   return_scores: bool = False) -> dict[int, dict]:
+                   return_scores: bool = False, device="cpu") -> dict[int, dict]:
     """kNN per layer: choose k on a held-out slice of train, report on val with all of train as memory.
 
     train: {layer: [N, D]}, val: {layer: [M, D]} (same layers), labels [N] and [M].
@@ -83,10 +94,11 @@ def fit_knn_layers(train: dict, train_labels, val: dict, val_labels, num_classes
     out = {}
     for layer, feats in train.items():
         held = knn_classify(gather_rows(feats, fit_idx), train_labels[fit_idx], gather_rows(feats, holdout_idx),
-                            num_classes, ks, temperature)
+                            num_classes, ks, temperature, device=device)
         select = {k: topk_correct(held[k], train_labels[holdout_idx], (1,))[1] / len(holdout_idx) for k in ks}
         best_k = max(ks, key=lambda k: (select[k], -k))
-        scores = knn_classify(feats, train_labels, val[layer], num_classes, (best_k,), temperature)[best_k]
+        scores = knn_classify(feats, train_labels, val[layer], num_classes, (best_k,), temperature,
+                              device=device)[best_k]
         correct = topk_correct(scores, val_labels, (1, 5))
         out[layer] = {"metrics": {f"top{k}": n / len(val_labels) for k, n in correct.items()},
                       "best_hparams": {"k": best_k, "temperature": temperature},
@@ -117,5 +129,5 @@ class KnnProbe(Probe):
     def fit(self, train: ProbeData, val: ProbeData, spec: KnnSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
         out = fit_knn_layers(train.feats, labels_tensor(train), val.feats, labels_tensor(val), train.num_classes,
                              ks=spec.ks, temperature=spec.temperature, holdout=spec.holdout, seed=ctx.seed,
-                             return_scores=ctx.keep_outputs)
+                             return_scores=ctx.keep_outputs, device=ctx.device)
         return classification_results(out)

@@ -13,7 +13,7 @@ class indices: they must lie in [0, num_nouns) and [0, num_verbs) (Ego4D ids are
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from totobench.errors import DataError
 from totobench.probes.base import STA_OUTPUTS, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
+from totobench.progress import progress_bar
 
 IGNORE = -100  # class target of cells without an object (cross_entropy's ignore_index)
 
@@ -114,9 +115,11 @@ def sta_loss(outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Te
 
 def train_sta_head(train_tokens: torch.Tensor, train_targets: Mapping[str, torch.Tensor], num_nouns: int,
                    num_verbs: int, epochs: int = 30, lr: float = 1e-3, seed: int = 0,
-                   batch_size: int = 64, weight_decay: float = 1e-4, hidden: int = 256) -> STAHead:
+                   batch_size: int = 64, weight_decay: float = 1e-4, hidden: int = 256,
+                   on_epoch: Callable[[int, float], None] | None = None) -> STAHead:
     """Train an STAHead with AdamW (cosine schedule) on frozen tokens [N,h,w,D] and the targets of
-    `sta_targets`; deterministic for a given seed on the CPU. Returns the head in eval mode."""
+    `sta_targets`; deterministic for a given seed on the CPU. on_epoch(epoch, mean loss) is called
+    after each epoch (progress display). Returns the head in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = STAHead(STAHeadConfig(train_tokens.shape[-1], num_nouns, num_verbs, hidden))
@@ -124,7 +127,8 @@ def train_sta_head(train_tokens: torch.Tensor, train_targets: Mapping[str, torch
     steps_per_epoch = max(1, -(-len(train_tokens) // batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     head.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        losses = []
         for batch in torch.randperm(len(train_tokens), generator=generator).split(batch_size):
             outputs = head(train_tokens[batch].float())
             loss = sta_loss(outputs, {k: t[batch] for k, t in train_targets.items()})
@@ -132,6 +136,9 @@ def train_sta_head(train_tokens: torch.Tensor, train_targets: Mapping[str, torch
             loss.backward()
             optimizer.step()
             scheduler.step()
+            losses.append(loss.item())
+        if on_epoch is not None:
+            on_epoch(epoch, sum(losses) / max(1, len(losses)))
     return head.eval()
 
 
@@ -194,15 +201,28 @@ class StaHeadProbe(Probe):
                 "StillFast on the tokens of 5 layers fused by a feature pyramid"]
 
     def fit(self, train: ProbeData, val: ProbeData, spec: StaHeadSpec, ctx: ProbeContext) -> dict[int, LayerResult]:
+        out = {}
+        with progress_bar(ctx.console, fields="layer {task.fields[layer]} loss {task.fields[loss]}",
+                          disable=ctx.console is None) as shown:
+            job = shown.add_task(f"{ctx.desc or 'STA'} head epochs", total=len(train.layers) * spec.epochs,
+                                 layer="-", loss="-")
+            for i, layer in enumerate(train.layers):
+                def on_epoch(epoch, loss, i=i, layer=layer):
+                    shown.update(job, completed=i * spec.epochs + epoch + 1, layer=layer, loss=f"{loss:.3f}")
+                out[layer] = self._fit_layer(train, val, layer, spec, ctx, on_epoch)
+        return out
+
+    @staticmethod
+    def _fit_layer(train: ProbeData, val: ProbeData, layer: int, spec: StaHeadSpec, ctx: ProbeContext,
+                   on_epoch: Callable[[int, float], None]) -> LayerResult:
+        """Train one layer's head; its raw outputs on the val rows."""
         _, h, w = train.token_grid
         num_nouns, num_verbs = train.num_classes
-        out = {}
-        for layer in train.layers:
-            x_tr = torch.from_numpy(np.asarray(train.feats[layer]).astype(np.float32)).reshape(-1, h, w, train.feats[layer].shape[-1])
-            x_va = torch.from_numpy(np.asarray(val.feats[layer]).astype(np.float32)).reshape(-1, h, w, val.feats[layer].shape[-1])
-            model = train_sta_head(x_tr, train.targets, num_nouns, num_verbs, epochs=spec.epochs, lr=spec.lr,
-                                   seed=ctx.seed, batch_size=spec.batch_size, weight_decay=spec.weight_decay,
-                                   hidden=spec.hidden)
-            with torch.no_grad():
-                out[layer] = LayerResult(outputs=model(x_va))
-        return out
+        dim = train.feats[layer].shape[-1]
+        x_tr = torch.from_numpy(np.asarray(train.feats[layer]).astype(np.float32)).reshape(-1, h, w, dim)
+        x_va = torch.from_numpy(np.asarray(val.feats[layer]).astype(np.float32)).reshape(-1, h, w, dim)
+        model = train_sta_head(x_tr, train.targets, num_nouns, num_verbs, epochs=spec.epochs, lr=spec.lr,
+                               seed=ctx.seed, batch_size=spec.batch_size, weight_decay=spec.weight_decay,
+                               hidden=spec.hidden, on_epoch=on_epoch)
+        with torch.no_grad():
+            return LayerResult(outputs=model(x_va))

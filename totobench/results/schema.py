@@ -55,6 +55,30 @@ class TaskInfo(TypedDict):
     main_metric: str           # key of `metrics` that ranks layers and models (higher is better)
 
 
+class SplitEstimateInfo(TypedDict):
+    split: str                 # "train", "val", "rollouts", ...
+    items: int                 # extractor items (images, clips, views, tiles, decisions)
+    stored_tokens_per_item: int  # rows of one item after pooling (0: read, not stored)
+    width: int
+    layers: int                # layers stored
+    bytes: int                 # what the feature cache keeps for this split
+    forward_tokens: int        # tokens the backbone reads
+    flops: int                 # forward FLOPs (2 x MACs)
+    bytes_per_layer: NotRequired[int]
+
+
+class EstimateInfo(TypedDict):
+    """What the task estimated before extracting (totobench.features.estimate.TaskEstimate)."""
+    task: str
+    splits: list[SplitEstimateInfo]
+    stored_bytes: int          # bytes the feature cache keeps for the whole task
+    train_bytes: int           # of which the split the probe trains on
+    forward_flops: int
+    streamed: bool | None      # the probe trains streamed under the budget (env.cache_budget; null: no streamed path)
+    bytes_per_layer: NotRequired[int]
+    train_passes: NotRequired[int]  # times the training split goes through the backbone (streamed: epochs)
+
+
 class Protocol(TypedDict):
     probe: str                 # "linear", "attentive", "knn", "label_propagation", "bc_mlp", ...
     grid: dict[str, Any]       # hyper-parameter grid searched, e.g. {"lrs": [1e-3, 1e-2]}
@@ -66,6 +90,8 @@ class Protocol(TypedDict):
     data: NotRequired[dict[str, Any]]   # facts of the run: split sizes, classes, views, ...
     reference: NotRequired[str]         # what the paper or its reference code does (docs/protocols.md)
     deviations: NotRequired[list[str]]  # how this run departs from it; [] when faithful
+    precision: NotRequired[str]         # the backbone forward: fp32, bf16 or fp16 (autocast); absent: fp32
+    estimate: NotRequired[EstimateInfo]  # stored bytes and forward FLOPs, estimated before extracting
 
 
 class LayerRow(TypedDict):
@@ -199,6 +225,10 @@ def _check_type(value, hint, path: str, problems: list[str]) -> None:
         elif not math.isfinite(float(value)):
             problems.append(f"{path}: expected a finite number, got {value}")
         return
+    if hint is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true or false, got {_type_name(value)}")
+        return
     if hint is int:
         if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)):
             problems.append(f"{path}: expected an integer, got {_type_name(value)}")
@@ -217,7 +247,7 @@ def _describe(hint) -> str:
     if isinstance(hint, type) and hasattr(hint, "__required_keys__"):
         return "an object"
     return {dict: "an object", list: "a list"}.get(origin) or {
-        str: "a string", int: "an integer", float: "a number"}.get(hint, str(hint))
+        str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(hint, str(hint))
 
 
 def parse_created(text: str) -> datetime.datetime | None:

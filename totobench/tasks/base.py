@@ -20,6 +20,7 @@ walks through adding a task.
 from __future__ import annotations
 
 import fnmatch
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,11 @@ from rich.console import Console
 
 from totobench.errors import ConfigError, DataError
 from totobench.features.extract import LayerFeatures, extract_features
+from totobench.features.estimate import TaskEstimate, split_estimate
 from totobench.probes.base import CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec
 from totobench.registry import PROBES
 from totobench.settings import Settings
+from totobench.tasks import streaming
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,21 @@ class DatasetSpec(Settings):
     root: str | None = None
     train_split: str = "train"
     val_split: str = "val"
+    # planning only (`totobench run --dry-run`): entries per split as [train, val], or one number for
+    # train (val counted from the data); entries are images, videos or annotated frames (DAVIS:
+    # val frames). A real run with it set stops with a ConfigError: it never changes what is read.
+    size: int | tuple[int, ...] | None = field(default=None, metadata={"min": 0})
+
+    def check(self, where: str) -> None:
+        if isinstance(self.size, tuple) and len(self.size) not in (1, 2):
+            raise ConfigError(f"{where}.size: expected one number (train) or [train, val], got {list(self.size)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; `size` only when set, so results made before it existed still answer."""
+        out = super().as_dict()
+        if out.get("size") is None:
+            out.pop("size", None)
+        return out
 
 
 @dataclass(frozen=True)
@@ -112,6 +130,8 @@ class RunContext:
     num_workers: int = 0
     batch_size: int = 64
     strict: bool = False          # --strict: an unreadable item stops the run instead of being skipped
+    cache_budget: int | None = None   # bytes this task may add to the feature cache (None: no limit; 0: stream)
+    precision: str = "fp32"       # backbone forward: fp32, bf16 or fp16 (autocast; probes and metrics in fp32)
 
 
 @dataclass
@@ -141,6 +161,7 @@ class Evaluation:
     facts: dict[str, Any] = field(default_factory=dict)     # protocol facts: split sizes, grids, ...
     extra: dict[str, Any] = field(default_factory=dict)     # result `extra`: skipped items, cache hits
     timing: dict[str, float] = field(default_factory=dict)
+    streaming: dict[str, Any] = field(default_factory=lambda: {"streamed": False})  # protocol: streamed, budget
 
 
 @dataclass
@@ -223,6 +244,58 @@ class Task:
                             model_heads=getattr(ctx.backbone, "num_heads", None), console=ctx.console, desc=self.name,
                             run_key=f"{features_id}:{self.name}", keep_outputs=self.keep_outputs)
 
+    # ------------------------------------------------------------------ estimates (features/estimate.py)
+    def estimate(self, ctx: RunContext, inputs: dict, spec: ProbeSpec) -> TaskEstimate:
+        """What this run will store in the feature cache and compute, before any extraction: one
+        SplitEstimate per split (items from `planned_items`, each a clip of `input.frames` frames, or
+        one image, at `input.resolution`; stored tokens from the token grid and `spec.pooling`) and
+        whether the probe trains streamed under ctx.cache_budget. Task kinds that do not extract
+        "train and val" override it (DAVIS, robot). Remembered for the same arguments: the runner
+        prints it, `evaluate` may ask again for the streaming decision."""
+        key = (tuple(ctx.layers), ctx.quick, ctx.cache_budget, json.dumps(inputs, sort_keys=True, default=str),
+               repr(spec))
+        memo = getattr(self, "_estimate_memo", None)
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        frames, res = int(inputs.get("frames") or 1), inputs["resolution"]
+        kind = "video" if frames > 1 else "image"
+        splits = [split_estimate(ctx.backbone, ctx.layers, name, items, frames, res, res, kind, spec.pooling)
+                  for name, items in self.planned_items(ctx, inputs).items()]
+        est = TaskEstimate.of(self.name, splits, ctx.cache_budget, augment=bool(getattr(spec, "augment", False)),
+                              epochs=int(getattr(spec, "epochs", 1)))
+        self._estimate_memo = (key, est)
+        return est
+
+    def planned_items(self, ctx: RunContext, inputs: dict) -> dict[str, int]:
+        """Extractor items per split name: `dataset.size` entries x `views_per_entry` when the size
+        gives both splits (then no data is read), else the lengths of the `splits()` datasets (a
+        one-number size replaces train's)."""
+        size = self.cfg.dataset.size
+        sizes = (size,) if isinstance(size, int) else tuple(size or ())
+        if len(sizes) == 2:
+            return {name: n * self.views_per_entry(name, inputs) for name, n in zip(("train", "val"), sizes)}
+        train, val = self.splits(ctx, inputs)
+        self._planned = (id(ctx), json.dumps(inputs, sort_keys=True, default=str), (train, val))
+        out = {split.name: len(split.dataset) for split in (train, val)}
+        if sizes:
+            out[train.name] = sizes[0] * self.views_per_entry(train.name, inputs)
+        return out
+
+    def planned_splits(self, ctx: RunContext, inputs: dict) -> tuple[Split, Split]:
+        """`splits(ctx, inputs)`, reusing the ones the estimate built for the same context and inputs
+        (indexing a real Kinetics split opens every video's header: once is enough)."""
+        planned = getattr(self, "_planned", None)
+        if planned is not None and planned[:2] == (id(ctx), json.dumps(inputs, sort_keys=True, default=str)):
+            self._planned = None
+            return planned[2]
+        return self.splits(ctx, inputs)
+
+    def views_per_entry(self, split: str, inputs: dict) -> int:
+        """Extractor items per dataset entry (image, video, annotated frame) of `split`, for
+        `planned_items` with `dataset.size`: 1; a video task that takes several clips or crops of a
+        video says how many."""
+        return 1
+
     def extract(self, ctx: RunContext, split: Split, pooling: str) -> LayerFeatures:
         """Features of every requested layer of `split`; under --strict a DataError names the
         first item that could not be read."""
@@ -237,9 +310,17 @@ class Task:
         return features
 
     def evaluate(self, ctx: RunContext, inputs: dict, spec: ProbeSpec) -> Evaluation:
-        """Extract train and val, fit the probe on every layer, score val."""
+        """Extract train and val, fit the probe on every layer, score val. When the train features
+        exceed ctx.cache_budget or probe.augment is on, the probe trains streamed instead
+        (tasks/streaming.py: each epoch reads train through the backbone; val cached when it fits)."""
         t0 = time.perf_counter()
         train, val = self.splits(ctx, inputs)
+        if streaming.streams_train(self, ctx, inputs, spec, train):
+            out = streaming.evaluate_streamed(self, ctx, inputs, spec, train, val)
+            return Evaluation(rows=out["rows"], fingerprint=self.fingerprint(train, val), facts=out["facts"],
+                              extra=out["extra"], streaming=out["streaming"],
+                              timing={"extract": out["extract_s"],
+                                      "probe": time.perf_counter() - t0 - out["extract_s"]})
         tr, va = self.extract(ctx, train, spec.pooling), self.extract(ctx, val, spec.pooling)
         t1 = time.perf_counter()
         train_data, val_data = self.probe_data(train, tr), self.probe_data(val, va)
@@ -250,7 +331,8 @@ class Task:
                  **self.skipped(ctx, train, val, tr, va)}
         return Evaluation(rows=rows, fingerprint=self.fingerprint(train, val),
                           facts=self.facts(train, val, train_data, val_data), extra=extra,
-                          timing={"extract": t1 - t0, "probe": t2 - t1})
+                          timing={"extract": t1 - t0, "probe": t2 - t1},
+                          streaming={"streamed": False})  # no budget: a default one follows the free disk
 
     def skipped(self, ctx: RunContext, train: Split, val: Split, tr: LayerFeatures, va: LayerFeatures) -> dict:
         """Result `extra` entries about items that could not be read: {"skipped": {split: {reason:
@@ -267,9 +349,15 @@ class Task:
         protocol = {"probe": spec.name, "grid": spec.grid, "settings": spec.settings,
                     "selection_split": probe.selection_split(spec), "report_split": self.report_split,
                     "seed": ctx.seed, "input": inputs, "data": ev.facts, "reference": self.cfg.reference,
-                    "deviations": self.deviations(spec, inputs, ctx)}
+                    "deviations": self.deviations(spec, inputs, ctx), **ev.streaming}
         return TaskOutput(per_layer=ev.rows, protocol=protocol, dataset_fingerprint=ev.fingerprint,
                           extra=ev.extra, timing_s=ev.timing)
+
+    def augmented(self, split: Split, epoch: int, seed: int):
+        """The training dataset of epoch `epoch` with the task's training-time augmentation
+        (`probe.augment`): extractor items as `split.dataset`'s, new random views per (seed, epoch).
+        Task kinds that support it override this; the base raises ConfigError."""
+        raise ConfigError(f"task {self.name}: probe.augment is not supported by task class {self.cfg.kind}")
 
     @property
     def report_split(self) -> str:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from totobench.data.preprocess import resize_to
 from totobench.errors import ConfigError, DataError
+from totobench.features.estimate import TaskEstimate, split_estimate
 from totobench.features.extract import extract_features
 from totobench.probes.base import SOFT_MASKS, ProbeData
 from totobench.paths import portable_path
@@ -180,6 +181,29 @@ class DavisLabelPropagation(Task):
         if not inputs["keep_aspect"]:
             out.append("frames squashed to squares (the paper keeps the aspect ratio)")
         return out
+
+    def estimate(self, ctx: RunContext, inputs: dict, spec) -> TaskEstimate:
+        """Every frame (or tile) of the val sequences, read as an image and stored per sequence; nothing
+        trains, so nothing streams. Frame sizes come from each sequence's first mask (annotations
+        only); `dataset.size` (val frames) replaces the frame count, the sequences' sizes kept."""
+        from totobench.data.davis import DavisDataset
+        data = DavisDataset(ctx.data_root, self.cfg.dataset.val_split, resolution=self.cfg.dataset.resolution_folder)
+        patch = ctx.backbone.inputs.patch_size
+        window = ctx.backbone.inputs.resolution if inputs["tile"] else None
+        items: dict[tuple[int, int], int] = {}     # (tile height, tile width) -> tiles to read
+        frames = 0
+        for seq in data.sequences[: self.quick_limit("max_sequences", ctx.quick)]:
+            n = len(data.frame_names(seq))
+            size = input_size(*data.load_mask(seq, 0).shape, inputs["resolution"], inputs["keep_aspect"], patch)
+            for _, _, th, tw in tile_boxes(*size, window, patch):
+                items[(th, tw)] = items.get((th, tw), 0) + n
+            frames += n
+        size = self.cfg.dataset.size
+        wanted = size if isinstance(size, int) else (size[-1] if size else None)
+        scale = wanted / frames if wanted is not None and frames else 1.0
+        splits = [split_estimate(ctx.backbone, ctx.layers, "val", round(n * scale), 1, th, tw, "image", spec.pooling)
+                  for (th, tw), n in items.items()]
+        return TaskEstimate.of(self.name, splits, ctx.cache_budget, streamable=False)
 
     def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
         from totobench.data.davis import DavisDataset

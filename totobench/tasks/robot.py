@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from totobench.errors import ConfigError
+from totobench.features.estimate import SplitEstimate, TaskEstimate, split_estimate
 from totobench.features.extract import extract_features
 from totobench.probes.base import POLICY, ProbeData
 from totobench.paths import portable_path
@@ -186,6 +187,21 @@ class RobotBC(Task):
             if limit is not None:
                 s[key] = min(s[key], limit)
         return s
+
+    def estimate(self, ctx: RunContext, inputs: dict, spec) -> TaskEstimate:
+        """The demo frames (images, pooled, through the cache: what the policies train on) and the
+        rollouts' forwards (one per decision and layer, stopping at that layer; never stored).
+        Upper bounds: every demo and episode runs its full length. Nothing streams."""
+        s, res = self._settings(ctx), inputs["resolution"]
+        envs = len(self.cfg.dataset.env)
+        demos = split_estimate(ctx.backbone, ctx.layers, "train", envs * s["demos"] * s["demo_length"], 1, res, res,
+                               "image", spec.pooling)
+        decisions = envs * s["rollouts"] * s["episode_length"]
+        per_layer = [split_estimate(ctx.backbone, [layer], "rollouts", decisions, 1, res, res, "image", "mean",
+                                    store=False) for layer in ctx.layers]
+        rollouts = SplitEstimate("rollouts", decisions * len(ctx.layers), 0, ctx.backbone.dim, 0, 0,
+                                 sum(e.forward_tokens for e in per_layer), sum(e.flops for e in per_layer))
+        return TaskEstimate.of(self.name, [demos, rollouts], ctx.cache_budget, streamable=False)
 
     def evaluate(self, ctx: RunContext, inputs: dict, spec) -> Evaluation:
         with single_thread():

@@ -35,7 +35,8 @@ RUN_OUT ?= runs/default
 # feature cache and skips the tasks already finished in OUT.
 # Two streams run side by side, one thread each: toto-tiny (on the terminal) and the baselines
 # (random init, pixels; into OUT/logs/baselines.log). Much of the suite does not use two cores
-# (rollouts, decoding, small probe steps), and one thread gives the same numbers bit for bit.
+# (rollouts, decoding, small probe steps): 37.6 min instead of 45.5 in a fresh clone. One thread is
+# not always bit-identical to two (README: 14 of 16 results identical).
 define suite
 	@mkdir -p $(1)/logs
 	@echo "random-init:toto-tiny and pixels run beside toto-tiny; their progress: $(1)/logs/baselines.log"

@@ -314,7 +314,7 @@ class Task:
         exceed ctx.cache_budget or probe.augment is on, the probe trains streamed instead
         (tasks/streaming.py: each epoch reads train through the backbone; val cached when it fits)."""
         t0 = time.perf_counter()
-        train, val = self.splits(ctx, inputs)
+        train, val = self.planned_splits(ctx, inputs)  # the estimate built them already
         if streaming.streams_train(self, ctx, inputs, spec, train):
             out = streaming.evaluate_streamed(self, ctx, inputs, spec, train, val)
             return Evaluation(rows=out["rows"], fingerprint=self.fingerprint(train, val), facts=out["facts"],

@@ -13,6 +13,7 @@ import sys
 
 from totobench import __version__
 from totobench.errors import TotobenchError
+from totobench.host import keep_freed_memory
 
 
 MODEL_HELP = ("toto-tiny, a checkpoint folder, preset:NAME, llama:DIR, timm:ARCH[@FILE], hf:DIR, pixels, "
@@ -217,6 +218,7 @@ def _load_handler(path: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()  # large temporary tensors reuse freed heap memory (see totobench/host.py)
     try:
         return int(_load_handler(args.handler)(args) or 0)
     except TotobenchError as err:

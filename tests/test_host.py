@@ -1,0 +1,40 @@
+"""totobench/host.py: the command keeps freed memory for reuse (glibc), and can be told not to."""
+
+import subprocess
+import sys
+
+import pytest
+
+from totobench import cli, host
+
+PROBE = "from totobench.host import keep_freed_memory; print(keep_freed_memory())"
+
+
+def _applied(env_value: str | None) -> str:
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TOTOBENCH_MALLOC"}
+    if env_value is not None:
+        env["TOTOBENCH_MALLOC"] = env_value
+    return subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_glibc_thresholds_are_set_unless_the_system_allocator_is_asked_for():
+    assert _applied(None) == "True"
+    assert _applied("system") == "False"
+
+
+def test_the_command_applies_it_before_any_handler(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept"))
+    assert cli.main(["ls", "tasks"]) == 0
+    assert calls == ["kept"]
+
+
+def test_it_is_applied_once_per_process(monkeypatch):
+    seen = []
+    monkeypatch.setattr(host, "_applied", None)
+    monkeypatch.setattr(host, "_mallopt", lambda: seen.append(1) or True)
+    assert host.keep_freed_memory() and host.keep_freed_memory()
+    assert seen == [1]

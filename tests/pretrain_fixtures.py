@@ -9,6 +9,8 @@ import yaml
 from PIL import Image
 
 from totobench.data.video import write_mp4
+from totobench.model.tokenizer import TokenizerConfig, VisualTokenizer
+from totobench.pretrain.corpus import load_video
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO_CONFIG = REPO / "configs" / "pretrain" / "micro.yaml"
@@ -47,3 +49,17 @@ def micro_config(tmp: Path, data_root: Path, **train) -> Path:
     path = tmp / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def make_tokenizer(videos: list[Path], folder: Path) -> str:
+    """A random-init VQ-VAE (16 codes, 8x down, seed 0) whose codes start on the latents of the
+    videos' frames at 16 px (as training does, so that files get different codes), saved to
+    `folder`; returns its spec `vqvae:FOLDER`."""
+    import torch
+    torch.manual_seed(0)
+    tok = VisualTokenizer(TokenizerConfig(codebook_size=16, downsample=8, channels=8, max_channels=16, code_dim=8))
+    frames = torch.cat([load_video(p, 16) for p in videos])
+    z = tok.encode_latents(frames.float() / 255).permute(0, 2, 3, 1).reshape(-1, 8)
+    tok.quantizer.initialize(z.detach(), torch.Generator().manual_seed(0))
+    tok.save(folder)
+    return f"vqvae:{folder}"

@@ -20,6 +20,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / "totobench"
 LEVELS = {
     "totobench": 0, "totobench.errors": 0, "totobench.paths": 0, "totobench.io": 0,
     "totobench.registry": 0, "totobench.progress": 0, "totobench.parallel": 0, "totobench.settings": 0,
+    "totobench.host": 0,
     "totobench.data": 1, "totobench.model": 1,
     "totobench.features": 2, "totobench.pretrain": 2,
     "totobench.probes": 3, "totobench.metrics": 3,

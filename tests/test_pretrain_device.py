@@ -17,14 +17,12 @@ import pytest
 import torch
 import yaml
 
-from pretrain_fixtures import MICRO_CONFIG, REPO, make_corpus, micro_config
+from pretrain_fixtures import MICRO_CONFIG, REPO, make_corpus, make_tokenizer, micro_config
 from totobench.cli import main
 from totobench.errors import ConfigError
-from totobench.model.tokenizer import TokenizerConfig, VisualTokenizer
 from totobench.model.toto import Toto
 from totobench.pretrain import load_pretrain_config
 from totobench.pretrain.config import model_cfg
-from totobench.pretrain.corpus import load_video
 from totobench.pretrain.shards import ShardCorpus, match_sources
 from totobench.pretrain.tokenizer_stage import tokenize_to_shards
 from totobench.model.backbone import resolve_precision
@@ -51,13 +49,8 @@ def shards(tmp_path_factory, corpus_root):
     """Token shards of the micro corpus (sources videos/, images/) by a random VQ-VAE whose codes
     start on the corpus's latents (so that files get different codes)."""
     tmp = tmp_path_factory.mktemp("shards")
-    torch.manual_seed(0)
-    tok = VisualTokenizer(TokenizerConfig(codebook_size=16, downsample=8, channels=8, max_channels=16, code_dim=8))
-    frames = torch.cat([load_video(p, 16) for p in sorted((corpus_root / "videos").glob("*.mp4"))])
-    z = tok.encode_latents(frames.float() / 255).permute(0, 2, 3, 1).reshape(-1, 8)
-    tok.quantizer.initialize(z.detach(), torch.Generator().manual_seed(0))
-    tok.save(tmp / "tok")
-    tokenize_to_shards(f"vqvae:{tmp / 'tok'}", [str(corpus_root / "videos"), str(corpus_root / "images")],
+    spec = make_tokenizer(sorted((corpus_root / "videos").glob("*.mp4")), tmp / "tok")
+    tokenize_to_shards(spec, [str(corpus_root / "videos"), str(corpus_root / "images")],
                        tmp / "shards", resolution=16, frames=4, stride=2)
     return tmp / "shards"
 

@@ -13,7 +13,7 @@ from totobench.cli import main
 from totobench.errors import ConfigError
 from totobench.model.toto import Toto, TotoConfig
 from totobench.pretrain.mup import lr_multipliers, mup_model, mup_optimizer, set_lr
-from totobench.pretrain.scaling import (budgets, compute_frontier, family_configs, fit_power_law,
+from totobench.pretrain.scaling import (budgets, sweep_edge, compute_frontier, family_configs, fit_power_law,
                                         load_scaling_config, training_macs_per_token)
 
 
@@ -126,6 +126,7 @@ def test_scaling_command_on_a_micro_family(tmp_path, tiny_world, micro_checkpoin
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["models"]] == ["a1", "a2"]
     assert {r["lr"] for r in results["lr_sweep"]} == {0.004, 0.016}
+    assert results["lr_at_edge"] == ("smallest" if results["lr"] == 0.004 else "largest")  # 2 rates: always an edge
     assert all(len(m["curve"]) == 3 and m["curve"][-1]["macs"] >= 1.6e8 for m in results["models"])
     assert len(results["frontier"]) == 3 and math.isfinite(results["fit"]["b"])
     assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
@@ -134,6 +135,12 @@ def test_scaling_command_on_a_micro_family(tmp_path, tiny_world, micro_checkpoin
     assert main(["scaling", "--config", cfg, "--out", str(out)]) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["frontier"] == results["frontier"] and again["fit"] == results["fit"]
+
+
+def test_sweep_edge():
+    sweep = [{"lr": 0.002}, {"lr": 0.004}, {"lr": 0.008}]
+    assert [sweep_edge(sweep, lr) for lr in (0.002, 0.004, 0.008)] == ["smallest", None, "largest"]
+    assert sweep_edge(sweep[:1], 0.002) is None
 
 
 def test_scaling_on_token_shards(tmp_path):

@@ -5,6 +5,7 @@ ranks write their own shards, and `pretrain` with `data.shards` trains to a fini
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -18,13 +19,14 @@ import pytest
 import torch
 import yaml
 
-from pretrain_fixtures import MICRO_CONFIG, REPO, make_corpus
+from pretrain_fixtures import MICRO_CONFIG, REPO, make_corpus, make_tokenizer
 from totobench.cli import main
 from totobench.errors import ConfigError
-from totobench.model.tokenizer import TokenizerConfig, VisualTokenizer
+from totobench.model import load_backbone
+from totobench.model.tokenizer import VisualTokenizer
 from totobench.pretrain import load_pretrain_config
 from totobench.pretrain.config import model_cfg
-from totobench.pretrain.corpus import heldout_bucket, list_sources, load_image, load_video
+from totobench.pretrain.corpus import heldout_bucket, list_sources, load_image
 from totobench.pretrain.shards import ShardCorpus, read_index
 from totobench.pretrain.tokenizer_stage import tokenize_to_shards
 
@@ -50,14 +52,8 @@ def corpus(tmp_path_factory):
     (root / "videos" / "broken.mp4").write_bytes(b"not a video")
     make_corpus(tmp / "short", images=0, videos=1, frames=3)
     shutil.copy(tmp / "short" / "videos" / "vid_000.mp4", root / "videos" / "zz_short.mp4")
-    torch.manual_seed(0)
-    tok = VisualTokenizer(TokenizerConfig(codebook_size=16, downsample=8, channels=8, max_channels=16, code_dim=8))
-    # codes start on latents of the corpus's frames (as training does), so that files get different codes
-    frames = torch.cat([load_video(p, 16) for p in sorted((root / "videos").glob("vid_*.mp4"))])
-    z = tok.encode_latents(frames.float() / 255).permute(0, 2, 3, 1).reshape(-1, 8)
-    tok.quantizer.initialize(z.detach(), torch.Generator().manual_seed(0))
-    tok.save(tmp / "tok")
-    return {"tmp": tmp, "root": root, "spec": f"vqvae:{tmp / 'tok'}",
+    spec = make_tokenizer(sorted((root / "videos").glob("vid_*.mp4")), tmp / "tok")
+    return {"tmp": tmp, "root": root, "spec": spec,
             "sources": [str(root / "videos"), str(root / "images")]}
 
 
@@ -201,7 +197,7 @@ def _shard_config(tmp: Path, shards_dir: Path, **model) -> Path:
     return path
 
 
-def test_pretrain_on_shards(corpus, shards, tmp_path):
+def test_pretrain_on_shards(corpus, shards, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["pretrain", "--config", str(_shard_config(tmp_path, shards[0])), "--out", str(out)]) == 0
     facts = json.loads((out / "training.json").read_text())
@@ -211,6 +207,37 @@ def test_pretrain_on_shards(corpus, shards, tmp_path):
     assert facts["tokenizer"]["sha256"] == shards[1]["tokenizer"]["sha256"]
     assert (out / "tokenizer" / "model.safetensors").is_file()
     assert "Token shards:" in (out / "README.md").read_text()
+    # the per-frame loss of the shards' clips, read from the shards (no tokenizer runs)
+    assert main(["nll", str(out), "--data", str(shards[0]), "--out", str(tmp_path / "nll")]) == 0
+    frames = list(csv.DictReader((tmp_path / "nll" / "nll.csv").open()))
+    assert [float(r["nll"]) for r in frames] == pytest.approx(_hand_nll(out, shards), abs=1e-5)
+    # --heldout: only the files pre-training held out at that fraction
+    assert main(["nll", str(out), "--data", str(shards[0]), "--heldout", "0.2", "--out", str(tmp_path / "held")]) == 0
+    corpus_split = ShardCorpus(shards[0], load_backbone(str(out)).config, 0.2)
+    held = sum(len(corpus_split.items[(s, "heldout")]) for s, (_, kind) in enumerate(corpus_split.streams)
+               if kind == "video")
+    assert 0 < held < 5 and f": {held} clips of {shards[0]} (held-out 0.2)" in capsys.readouterr().out
+
+
+def _hand_nll(checkpoint: Path, shards) -> list[float]:
+    """Mean nll per frame of the centred clips of every long enough video, the clips cut from the
+    raw token files by hand."""
+    from totobench.commands.nll import position_nll
+    backbone = load_backbone(str(checkpoint))
+    c = backbone.config
+    folder, index = shards
+    tpf, step = c.tokens_per_frame, c.frame_stride // index["stride"]
+    span = (c.num_frames - 1) * step + 1
+    clips = []
+    for shard in index["shards"]:
+        tokens = np.fromfile(folder / f"{shard['name']}.tokens", dtype=index["dtype"]).astype(np.int64)
+        for offset, length, kind, _source, bucket in np.load(folder / f"{shard['name']}.seqs.npy"):
+            if kind == 1 and length // tpf >= span:
+                start = (length // tpf - span) // 2
+                clips.append(np.stack([tokens[offset + (start + i * step) * tpf:][:tpf] for i in range(c.num_frames)]))
+    ids = torch.from_numpy(np.stack(clips))
+    nll = position_nll(backbone.model, ids.reshape(len(clips), -1), c.video_start_id).reshape(ids.shape)
+    return [float(nll[:, t].mean()) for t in range(c.num_frames)]
 
 
 def test_shard_config_errors(corpus, shards, tmp_path):

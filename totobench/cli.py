@@ -127,8 +127,12 @@ def _add_scaling(sub):
 def _add_nll(sub):
     p = sub.add_parser("nll", help="held-out next-token loss of a Toto per frame and token position of a clip")
     p.add_argument("checkpoint", metavar="SPEC", help="toto-tiny, a checkpoint folder or random-init:SPEC")
-    p.add_argument("--data", help="a Kinetics-format root (default: the data world's kinetics400/)")
-    p.add_argument("--split", default="val", help="the root's split (default val)")
+    p.add_argument("--data", help="a Kinetics-format root (default: the data world's kinetics400/) or a token "
+                   "shard folder made by `totobench tokenize`")
+    p.add_argument("--split", default="val", help="the Kinetics root's split (default val)")
+    p.add_argument("--heldout", type=float, default=0.0, metavar="FRACTION",
+                   help="shards: the clips of the files pre-training held out at this data.heldout_fraction "
+                        "(default 0: every video in the shards)")
     p.add_argument("--max-clips", type=int, default=None, help="at most this many clips (default: all)")
     p.add_argument("--out", help="folder for nll.csv, nll_positions.csv and nll.png (default: runs/nll/<model>)")
     p.set_defaults(handler="totobench.commands.nll:cli_nll")

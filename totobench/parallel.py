@@ -3,6 +3,8 @@
 `init_from_env` joins the group torchrun describes (gloo on CPU, NCCL on CUDA, each rank on
 `cuda:LOCAL_RANK`); outside torchrun (WORLD_SIZE unset or 1) everything here is a no-op, so the
 same code runs as one process. Evaluation (`totobench run`) and pre-training both start here.
+Collectives on that group: `broadcast_object` / `gather_objects` (pickled objects) and
+`all_reduce_sum` (tensors coalesced into one flat buffer per dtype: what data-parallel probes use).
 """
 
 from __future__ import annotations
@@ -96,6 +98,30 @@ def gather_objects(obj: Any) -> list[Any]:
         return [obj]
     out: list[Any] = [None] * _STATE.world_size
     dist.all_gather_object(out, obj)
+    return out
+
+
+def _collective_device() -> torch.device:
+    """Where collective buffers live: the rank's GPU under NCCL, else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The sum over ranks of each tensor (new tensors, same shapes, dtypes and devices), coalesced
+    into one flat buffer per dtype: one collective for many small tensors (the heads' gradients).
+    Every rank receives the same bytes. The tensors themselves when not distributed."""
+    if not _STATE.active:
+        return list(tensors)
+    device = _collective_device()
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
+        picked = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in picked])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for i, part in zip(picked, flat.split([tensors[i].numel() for i in picked])):
+            out[i] = part.view(tensors[i].shape).to(tensors[i].device)
     return out
 
 

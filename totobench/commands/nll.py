@@ -1,12 +1,15 @@
-"""`totobench nll SPEC [--data ROOT] [--out DIR]`: held-out next-token loss of a Toto, per token
-position of a video clip and per frame (the paper's redundancy figure: the first frame costs the
-most, later frames, mostly predictable from the previous one, far less).
+"""`totobench nll SPEC [--data ROOT_OR_SHARDS] [--out DIR]`: held-out next-token loss of a Toto, per
+token position of a video clip and per frame (the paper's redundancy figure: the first frame costs
+the most, later frames, mostly predictable from the previous one, far less).
 
 Clips: the centred clip of each video of a Kinetics-format split (default: the data world's
 kinetics400/ val), `num_frames` frames every `frame_stride`-th at the model's resolution, laid out
-as in pre-training: [video_start, frame 0 tokens, ..., frame T-1 tokens]. Token k of the clip is
-predicted from the start token and tokens 0..k-1. Writes nll.csv (per frame), nll_positions.csv
-(per position) and nll.png to --out; prints the per-frame table.
+as in pre-training: [video_start, frame 0 tokens, ..., frame T-1 tokens]; or, when --data is a
+token shard folder (`totobench tokenize`), the centred clip of each video sequence in it (the
+files pre-training held out at --heldout FRACTION, the fraction its config used; 0: every file),
+its tokens as stored (no tokenizer runs). Token k of the clip is predicted from the start token and
+tokens 0..k-1. Writes nll.csv (per frame), nll_positions.csv (per position) and nll.png to --out;
+prints the per-frame table.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ def clip_nll(backbone, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """frames float [B, T, 3, R, R] in [0, 1] -> (nll [B, T, h*w], changed [B, T, h*w]: the
     token differs from the same place in the previous frame; all False in frame 0)."""
     codes = backbone.tokenize(frames)
-    B, T = codes.shape[:2]
-    ids = codes.reshape(B, T, -1)
+    return token_nll(backbone, codes.reshape(*codes.shape[:2], -1))
+
+
+def token_nll(backbone, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids long [B, T, h*w] of clips -> (nll [B, T, h*w], changed [B, T, h*w]) as clip_nll."""
+    B, T = ids.shape[:2]
     nll = position_nll(backbone.model, ids.reshape(B, -1), backbone.config.video_start_id).reshape(ids.shape)
     changed = torch.zeros_like(ids, dtype=torch.bool)
     changed[:, 1:] = ids[:, 1:] != ids[:, :-1]
@@ -68,6 +75,21 @@ def kinetics_clips(root: Path, split: str, config, max_clips: int | None) -> tup
     return torch.stack(clips), skipped
 
 
+def shard_clips(folder: Path, config, heldout: float, max_clips: int | None) -> torch.Tensor:
+    """Token ids long [N, T, h*w]: the centred clip of each video of a token shard folder that is
+    held out at `heldout` (0: every video). ConfigError when the shards do not fit the model,
+    DataError when no video gives a clip."""
+    from totobench.pretrain.shards import ShardCorpus
+    if not 0.0 <= heldout < 1.0:
+        raise ConfigError(f"--heldout: expected a fraction in [0, 1), got {heldout}")
+    corpus = ShardCorpus(folder, config, heldout)
+    try:
+        ids, _ = corpus.centred_clips("heldout" if heldout else "all", max_clips)
+    finally:
+        corpus.close()
+    return torch.from_numpy(ids)
+
+
 def nll_tables(nll: torch.Tensor, changed: torch.Tensor, grid: int) -> tuple[list[dict], list[dict]]:
     """nll, changed [N, T, h*w] -> (per-frame rows: mean nll, of unchanged and changed tokens, share
     changed (None for frame 0); per-position rows: position, frame, row, col, mean nll over clips)."""
@@ -95,19 +117,26 @@ def cli_nll(args) -> int:
         raise ConfigError(f"nll {args.checkpoint}: expected a Toto over visual tokens (toto-tiny, a checkpoint "
                           "folder, random-init:SPEC), not a model without a next-token head")
     c = backbone.config
-    root = Path(args.data) if args.data else ensure_data_world() / "kinetics400"
-    clips, skipped = kinetics_clips(root, args.split, c, args.max_clips)
+    root = Path(args.data).expanduser() if args.data else ensure_data_world() / "kinetics400"
     nll, changed = [], []
-    for part in clips.split(16):
-        n, ch = clip_nll(backbone, part.float() / 255)
-        nll.append(n), changed.append(ch)
+    if (root / "index.json").is_file():  # a token shard folder: its stored tokens
+        clips, skipped, what = shard_clips(root, c, args.heldout, args.max_clips), 0, f"held-out {args.heldout}"
+        for part in clips.split(16):
+            n, ch = token_nll(backbone, part)
+            nll.append(n), changed.append(ch)
+    else:
+        clips, skipped = kinetics_clips(root, args.split, c, args.max_clips)
+        what = args.split
+        for part in clips.split(16):
+            n, ch = clip_nll(backbone, part.float() / 255)
+            nll.append(n), changed.append(ch)
     frames, positions = nll_tables(torch.cat(nll), torch.cat(changed), c.grid)
     out = Path(args.out or Path("runs") / "nll" / backbone.name.replace(":", "_").replace("/", "_"))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "nll.csv", _csv(frames))
     atomic_write(out / "nll_positions.csv", _csv(positions))
     atomic_write(out / "nll.png", nll_png(frames, positions, backbone.name, len(clips)))
-    print(f"{backbone.name}: {len(clips)} clips of {root} ({args.split}), {c.num_frames} frames every "
+    print(f"{backbone.name}: {len(clips)} clips of {root} ({what}), {c.num_frames} frames every "
           f"{c.frame_stride}, {c.resolution} px, {c.tokens_per_frame} tokens per frame"
           + (f"; {skipped} videos skipped" if skipped else ""))
     print(nll_table(frames))

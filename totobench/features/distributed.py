@@ -13,8 +13,11 @@ shared by all ranks (the same machine, or a shared file system).
 
 Two job kinds: "extract" (features.extract.run_extraction_job) and "run": `job["fn"](backbone,
 device, **job["kwargs"])` on every rank (`run_job`), in step with rank 0 which calls the same
-function itself; a streamed probe trains so (tasks/streaming.py), every rank forwarding its share
-of each batch. `fn` must be a module-level function (it is pickled by name).
+function itself. A streamed probe trains so (tasks/streaming.py), data-parallel: every rank reads
+and forwards only its share of each batch and keeps it, and the probe all-reduces gradients,
+statistics and counts through the process group (probes/linear.py, probes/attentive.py), so the
+ranks stay in step inside the job; only their reports come back here. `fn` must be a module-level
+function (it is pickled by name).
 """
 
 from __future__ import annotations

@@ -6,11 +6,13 @@
 computes them on the fly: each read sends its items through the backbone (one forward for all
 requested layers), pools them as the extractor does and rounds them to float16 as the cache
 stores them, so a probe trained streamed reads the numbers it would have read from the cache.
-Under torchrun (`bind(..., shared=True)` on every rank) each rank forwards its share of every
-read batch (rows rank, rank + world, ...) and the pooled features are all-gathered, so every rank
-holds the whole batch in the one-process order and steps the same heads the same way. With
-`segments` > 1 a row is a probe input made of that many consecutive items, joined as the cache's
-features.views.JoinedRows joins them; ranks share out whole inputs.
+Under torchrun the probes train data-parallel: rows split among the ranks (`split_among_ranks`, or
+`bind(..., shared=True)`) yield only this rank's share of every slice (rows rank, rank + world, ...
+of the slice; a share may be empty, and is still yielded so that every rank sees every slice),
+and the probe all-reduces what it computes from them (probes/linear.py, probes/attentive.py).
+Nothing is gathered here: each rank keeps its own rows. With `segments` > 1 a row is a probe input
+made of that many consecutive items, joined as the cache's features.views.JoinedRows joins them;
+ranks share out whole inputs.
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ Batch = tuple[dict[int, torch.Tensor], torch.Tensor]
 class Rows:
     """Rows of a split: `labels` [N] (known before any read), `row_shape` (features of one row),
     `read(index, batch_size, device)` and, for training-time augmentation, `for_epoch(epoch)`.
-    `streamed`: whether every read recomputes the rows (then probes never keep them resident)."""
+    `streamed`: whether every read recomputes the rows (then probes never keep them resident).
+    `share` (rank, world): reads yield rows rank, rank + world, ... of each slice; (0, 1) reads all."""
     streamed = False
+    share: tuple[int, int] = (0, 1)
 
     def __init__(self, labels, layers: list[int], row_shape: tuple[int, ...]):
         # a copy (callers may pass read-only arrays), on the CPU
@@ -65,6 +69,23 @@ class Rows:
         """The rows training epoch `epoch` reads (other than self only with augmentation)."""
         return self
 
+    @property
+    def shared(self) -> bool:
+        """Whether reads yield this rank's share only (the probe then all-reduces over the ranks)."""
+        return self.share[1] > 1
+
+    def split_among_ranks(self, split: bool = True) -> "Rows":
+        """Read this rank's share of every slice from now on (split=True under torchrun; a no-op
+        outside it), or all of it (split=False)."""
+        dist = parallel.info()
+        self.share = (dist.rank, dist.world_size) if split and dist.active else (0, 1)
+        return self
+
+    def _share_of(self, piece: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of one slice of an index."""
+        rank, world = self.share
+        return piece[rank::world] if world > 1 else piece
+
 
 class ArrayRows(Rows):
     """Stored features {layer: [N, ...]}; memmaps of cache entries are pickled by file name (cheap to
@@ -79,7 +100,7 @@ class ArrayRows(Rows):
 
     def read(self, index: torch.Tensor, batch_size: int, device="cpu") -> Iterator[Batch]:
         for start in range(0, len(index), batch_size):
-            rows = index[start:start + batch_size]
+            rows = self._share_of(index[start:start + batch_size])
             yield {layer: gather_rows(self.feats[layer], rows, device) for layer in self.layers}, rows
 
     def __getstate__(self):
@@ -128,9 +149,10 @@ class StreamedRows(Rows):
         self._bound: tuple | None = None
 
     def bind(self, backbone, device, shared: bool = False) -> "StreamedRows":
-        """Attach the backbone this process forwards with; shared=True under torchrun (every rank reads)."""
-        self._bound = (backbone, torch.device(device), shared and parallel.info().active)
-        return self
+        """Attach the backbone this process forwards with; shared=True under torchrun (every rank
+        reads, forwards and yields its share of every slice: `split_among_ranks`)."""
+        self._bound = (backbone, torch.device(device))
+        return self.split_among_ranks(shared)
 
     def __getstate__(self):
         return {**self.__dict__, "_bound": None}
@@ -141,27 +163,22 @@ class StreamedRows(Rows):
         view = StreamedRows(self.epoch_items(epoch), self.labels, self.layers, self.item_shape, kind=self.kind,
                             pooling=self.pooling, forward_batch=self.forward_batch, num_workers=self.num_workers,
                             segments=self.segments)
-        view._bound, view.skipped, view.dropped = self._bound, self.skipped, self.dropped
+        view._bound, view.skipped, view.dropped, view.share = self._bound, self.skipped, self.dropped, self.share
         return view
 
     def read(self, index: torch.Tensor, batch_size: int, device="cpu") -> Iterator[Batch]:
         if self._bound is None:
             raise RuntimeError("StreamedRows.read needs bind(backbone, device) first")
-        backbone, forward_device, shared = self._bound
-        rank, world = (parallel.info().rank, parallel.info().world_size) if shared else (0, 1)
+        backbone, forward_device = self._bound
         slices = [index[s:s + batch_size] for s in range(0, len(index), batch_size)]
         # ranks share out whole rows (all segments of an input on one rank): each joins its own
-        shares = [piece[rank::world] for piece in slices]
+        shares = [self._share_of(piece) for piece in slices]
         per_forward = max(1, self.forward_batch // self.segments)
         pieces = [share[p:p + per_forward].tolist() for share in shares
                   for p in range(0, len(share), per_forward)]
         forwarded = self._forward(backbone, pieces, forward_device)
         for share in shares:
             feats, rows = self._take(forwarded, len(share))
-            if shared:  # rows' places in the slice: share j sits at rank + j * world (dropped rows leave gaps)
-                place = {row: rank + j * world for j, row in enumerate(share.tolist())}
-                places = torch.tensor([place[row] for row in rows.tolist()], dtype=torch.long)
-                feats, rows = _all_gather_rows(feats, rows, places, self.layers)
             yield {layer: f.to(device, torch.float32) for layer, f in feats.items()}, rows
 
     def _forward(self, backbone, pieces: list[list[int]], device) -> Iterator[tuple[int, dict, torch.Tensor]]:
@@ -209,16 +226,17 @@ class StreamedRows(Rows):
 _TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}
 
 
-def _all_gather_rows(feats: dict[int, torch.Tensor], rows: torch.Tensor, places: torch.Tensor,
-                     layers: list[int]) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
-    """Every rank's share of one batch, put back in the one-process order (`places`: each row's place
-    in the batch as asked). Features travel in their own dtype (float16 rows, float32 means of
-    joined segments), so every rank holds the one-process numbers."""
-    shares = parallel.gather_objects((feats, rows, places))
-    order = torch.cat([share_rows for _, share_rows, _ in shares])
-    keep = torch.argsort(torch.cat([share_places for _, _, share_places in shares]))
-    out = {layer: torch.cat([share[layer] for share, _, _ in shares])[keep] for layer in layers}
-    return out, order[keep]
+def in_index_order(index: torch.Tensor, rows: torch.Tensor, values: torch.Tensor,
+                   dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (rows [b], values with b along `dim`) of reads of `index` split among ranks,
+    gathered (on every rank, on the CPU) and put in the order one process's read of `index` yields
+    them: (rows [M], values). Rows no rank could read stay absent."""
+    parts = parallel.gather_objects((rows.cpu(), values.cpu()))
+    rows, values = torch.cat([r for r, _ in parts]), torch.cat([v for _, v in parts], dim)
+    where = torch.zeros(int(index.max()) + 1 if len(index) else 0, dtype=torch.long)
+    where[index] = torch.arange(len(index))
+    order = torch.argsort(where[rows])
+    return rows[order], values.index_select(dim, order)
 
 
 def pooled_row_shape(backbone, pooling: str, kind: str, frames: int, resolution: int) -> tuple[int, ...]:

@@ -387,6 +387,9 @@ def run_study(cfg: dict, out: Path, console=None, shards=None) -> dict:
     data_id = [cfg["data"], cfg["tokenizer"], str(shards)]  # in each run's key: other data, other runs
     sweep = lr_sweep(cfg, family, corpus, held, out, console, data_id)
     lr = min(sweep, key=lambda r: float("inf") if r["heldout_loss"] is None else r["heldout_loss"])["lr"]
+    if sweep_edge(sweep, lr) and console is not None:
+        console.print(f"[yellow]the best learning rate {lr:g} is the {sweep_edge(sweep, lr)} one swept: "
+                      f"widen lr_sweep.lrs ({cfg['_path']}) to be sure of it[/]")
     grid = budgets(float(cfg["train"]["budget_macs"]), int(cfg["train"]["budget_points"]))
     runs = {}
     for name, mc in family.items():
@@ -395,6 +398,14 @@ def run_study(cfg: dict, out: Path, console=None, shards=None) -> dict:
         runs[name] = cached_run(out, name, key, lambda mc=mc, name=name: train_to_budgets(
             mc, lr, corpus, held, cfg, grid, console, f"{name} (dim {mc.dim}, {mc.n_layers} layers)"))
     return summarize(cfg, family, sweep, lr, runs, time.time() - t0, out)
+
+
+def sweep_edge(sweep: list[dict], lr: float) -> str | None:
+    """"smallest" or "largest" when the chosen lr is at that end of a sweep of >= 2 rates, else None."""
+    rates = sorted(r["lr"] for r in sweep)
+    if len(rates) < 2:
+        return None
+    return "smallest" if lr == rates[0] else "largest" if lr == rates[-1] else None
 
 
 def lr_sweep(cfg: dict, family: dict, corpus, held: torch.Tensor, out: Path, console, data_id=None) -> list[dict]:
@@ -430,7 +441,7 @@ def summarize(cfg: dict, family: dict, sweep: list, lr: float, runs: dict, wall_
         "name": cfg["name"], "config_file": cfg["_path"], "mup": bool(cfg["mup"]),
         "mup_rules": MUP_RULES if cfg["mup"] else "standard parametrization (no muP)",
         "compute": "MACs: 3 x forward MACs per token (blocks, attention, output head) x tokens seen",
-        "lr_sweep": sweep, "lr": lr,
+        "lr_sweep": sweep, "lr": lr, "lr_at_edge": sweep_edge(sweep, lr),
         "models": [{"name": name, "dim": mc.dim, "n_layers": mc.n_layers, "n_heads": mc.n_heads,
                     "mlp_hidden": mc.mlp_hidden, **{k: v for k, v in runs[name].items() if k != "rows"},
                     "curve": runs[name]["rows"]} for name, mc in family.items()],

@@ -307,6 +307,26 @@ class ShardCorpus:
             frames = np.stack([self._read(int(r), 0, tpf) for r in rows])
         return build_sequence(torch.from_numpy(frames), kind, mc)
 
+    def centred_clips(self, split: str = "heldout", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The centred clip of each usable video of `split` ("heldout", "train" or "all"), in shard
+        order: (token ids int64 [N, num_frames, tokens per frame] of frames `mc.frame_stride` apart,
+        their sequence rows [N]); at most `limit` clips. Raises DataError when there is none."""
+        tpf, mc = self.mc.tokens_per_frame, self.mc
+        splits = ("train", "heldout") if split == "all" else (split,)
+        rows = sorted(int(r) for s, (_, kind) in enumerate(self.streams) if kind == "video"
+                      for part in splits for r in self.items[(s, part)])[:limit]
+        if not rows:
+            raise DataError(f"{self.folder}: no {split} video of >= {clip_span(mc.num_frames, self.step)} stored "
+                            f"frames to take a clip of {mc.num_frames} frames from")
+        clips = []
+        for row in rows:
+            stored = int(self.rows[row, 1]) // tpf
+            start = (stored - clip_span(mc.num_frames, self.step)) // 2
+            picks = clip_frame_indices(start, mc.num_frames, self.step)
+            span = self._read(row, start * tpf, (picks[-1] - start + 1) * tpf).reshape(-1, tpf)
+            clips.append(span[[p - start for p in picks]])
+        return np.stack(clips), np.asarray(rows)
+
     def _draw_probabilities(self, usable: list[int]) -> np.ndarray | None:
         """The chance of each stream of `usable` to be drawn; None: all equal."""
         return None if self.weights is None else self.weights[usable] / self.weights[usable].sum()

@@ -5,7 +5,8 @@ The heads (`probe.head`: "aim", the default, "vjepa", "mha") live in probes/atte
 backbone pass yields every layer's tokens), selects on a held-out slice, and can be resumed;
 `fit_attentive_rows` feeds it from features.stream.Rows (cached features, or features the backbone
 computes at every read: the same batches either way), `fit_attentive_grid` from feature arrays;
-`AttentiveProbe` is the registered probe (`fit` and `fit_streamed` are one code path).
+`AttentiveProbe` is the registered probe (`fit` and `fit_streamed` are one code path). Rows split
+among torchrun ranks train data-parallel (AttentiveProbeGrid's data_parallel).
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from totobench import parallel
 from totobench.errors import CheckpointError, ConfigError
-from totobench.features.stream import ArrayRows, Rows
+from totobench.features.stream import ArrayRows, Rows, in_index_order
 from totobench.io import atomic_path
 from totobench.metrics.classification import topk_correct, true_class_rank
 from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec,
@@ -46,11 +48,16 @@ class AttentiveProbeGrid:
     and in eval mode for scoring (the AIM head's BatchNorm).
     Selection: stream held-out batches through `evaluate`, then `select()` picks the best (lr, wd)
     per layer by top-1. `state_dict()` / `load_state_dict()` resume training exactly.
+    data_parallel=True (torchrun): each rank passes its share of every batch (possibly empty) to
+    `train_step` and `evaluate`; a step's loss is the mean over the whole batch of all ranks, the
+    gradients are all-reduced (AIM's BatchNorm statistics too, AimProbes.sync_statistics), so all
+    ranks take the one step one process takes on the whole batch; `select()` counts every rank's rows.
     """
 
     def __init__(self, layers: list[int], dim: int, num_classes: int, lrs=DEFAULT_LRS, wds=DEFAULT_WDS,
                  num_heads: int = 8, total_steps: int | None = None, warmup_steps: int = 0, seed: int = 0,
-                 device="cpu", positions: tuple[int, int, int] | None = None, head: str = "mha"):
+                 device="cpu", positions: tuple[int, int, int] | None = None, head: str = "mha",
+                 data_parallel: bool = False):
         if not lrs or not wds:
             raise ConfigError(f"probe.lrs and probe.wds must be non-empty lists, got {list(lrs)} and {list(wds)}")
         self.layers = list(layers)
@@ -65,6 +72,10 @@ class AttentiveProbeGrid:
         self.probes = nn.ModuleDict({str(layer): make_probes(head, len(self.hparams), dim, num_classes, num_heads,
                                                              generator, positions)
                                      for layer in self.layers}).to(device)
+        self.data_parallel = data_parallel
+        for probe in self.probes.values():
+            if isinstance(probe, AimProbes):
+                probe.sync_statistics = data_parallel
         lr = torch.tensor([lr for lr, _ in self.hparams])
         wd = torch.tensor([wd for _, wd in self.hparams])
         params = []
@@ -84,20 +95,38 @@ class AttentiveProbeGrid:
         return tokens[layer].to(self.device, torch.float32)
 
     def train_step(self, tokens: dict[int, torch.Tensor], labels: torch.Tensor) -> float:
-        """One AdamW step of every probe on a batch; returns the loss averaged over probes."""
+        """One AdamW step of every probe on a batch; returns the loss averaged over probes (with
+        data_parallel, over the whole batch of all ranks: 0.0 and no step when it has no row)."""
         labels = labels.to(self.device, torch.long)
         n = len(self.hparams)
+        count = len(labels)
+        if self.data_parallel:
+            count = int(parallel.all_reduce_sum([torch.tensor(count)])[0])
+            if not count:
+                return 0.0
         self.probes.train()
         loss = 0.0
         for layer in self.layers:
             logits = self.probes[str(layer)](self._tokens(tokens, layer))
             # sum over probes of each probe's batch-mean loss: every probe gets its own gradient
             loss = loss + F.cross_entropy(logits.reshape(-1, self.num_classes), labels.repeat(n),
-                                          reduction="sum") / len(labels)
+                                          reduction="sum") / count
         self.optimizer.zero_grad()
         loss.backward()
+        if self.data_parallel:
+            loss = self._all_reduce_gradients(loss)
         self.optimizer.step(cosine_lr_scale(self.optimizer.steps, self.total_steps, self.warmup_steps))
         return loss.item() / (n * len(self.layers))
+
+    def _all_reduce_gradients(self, loss: torch.Tensor) -> torch.Tensor:
+        """Sum every probe parameter's gradient over the ranks (one flat all-reduce, the loss in
+        it too); returns the summed loss."""
+        params = self.optimizer.params
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        *summed, loss = parallel.all_reduce_sum([*grads, loss.detach().reshape(1)])
+        for p, g in zip(params, summed):
+            p.grad = g
+        return loss[0]
 
     @torch.no_grad()
     def scores(self, tokens: dict[int, torch.Tensor]) -> dict[tuple[int, float, float], torch.Tensor]:
@@ -130,9 +159,13 @@ class AttentiveProbeGrid:
         Returns {layer: {"best_hparams": {"lr", "wd", "num_heads"}, "select_score"}} (num_heads: the
         attention heads the probes ran with); raises ValueError when no held-out batch was evaluated.
         """
-        if self.holdout_seen == 0:
+        correct, seen = self.holdout_correct, self.holdout_seen
+        if self.data_parallel:  # every rank's held-out rows
+            correct, seen = parallel.all_reduce_sum([correct, torch.tensor(seen)])
+            seen = int(seen)
+        if seen == 0:
             raise ValueError("select() needs held-out batches: call evaluate() first")
-        accuracy = self.holdout_correct / self.holdout_seen
+        accuracy = correct / seen
         best = accuracy.argmax(1)
         self.chosen = {layer: int(best[li]) for li, layer in enumerate(self.layers)}
         return {layer: {"best_hparams": {"lr": self.hparams[i][0], "wd": self.hparams[i][1],
@@ -173,7 +206,7 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
                                 on_epoch: Callable[[int, float], None] | None = None,
                                 return_scores: bool = False,
                                 positions: tuple[int, int, int] | None = None, head: str = "mha",
-                                save_state: bool = True) -> dict[int, dict]:
+                                save_state: bool = True, data_parallel: bool = False) -> dict[int, dict]:
     """Train an AttentiveProbeGrid for `epochs` over streamed batches, select, report on val.
 
     train_batches(epoch), holdout_batches() and val_batches() each return a fresh iterable of
@@ -189,6 +222,9 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
     return_scores=True adds "val_scores": logits [M, C] (fp32, CPU) of the chosen probe.
     positions=(T, H, W): space-time position embeddings in the probes (see AttentiveProbes; head
     "mha" only). head: "mha" (AttentiveProbes), "aim" (AimProbes) or "vjepa" (VJepaProbes).
+    data_parallel=True (torchrun): every batch is this rank's share (train ones possibly empty, and
+    every rank yields as many); the grid steps data-parallel (AttentiveProbeGrid), selection and
+    the val metrics count every rank's rows, "val_scores" are this rank's rows only.
     """
     if epochs < 1:
         raise ConfigError(f"probe.epochs must be >= 1, got {epochs}")
@@ -200,7 +236,7 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
     total = epochs * steps_per_epoch if steps_per_epoch else None
     warmup = int(warmup_epochs * steps_per_epoch) if steps_per_epoch else 0
     grid = AttentiveProbeGrid(layers, dim, num_classes, lrs, wds, num_heads, total, warmup, seed, device, positions,
-                              head)
+                              head, data_parallel)
     start_epoch = 0
     if state_path is not None and Path(state_path).exists():
         saved = torch.load(state_path, map_location=device, weights_only=False)
@@ -218,21 +254,24 @@ def fit_attentive_grid_streamed(train_batches: EpochBatches, holdout_batches: Ba
     for tokens, labels in holdout_batches():
         grid.evaluate(tokens, labels)
     selection = grid.select()
-    correct = {layer: {1: 0, 5: 0} for layer in layers}
+    correct = torch.zeros(len(layers), 2, dtype=torch.long)   # top-1, top-5 per layer
     scores: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     seen = 0
     for tokens, labels in val_batches():
-        for layer, logits in grid.selected_scores(tokens).items():
-            for k, n in topk_correct(logits, labels, (1, 5)).items():
-                correct[layer][k] += n
+        for li, (layer, logits) in enumerate(grid.selected_scores(tokens).items()):
+            hits = topk_correct(logits, labels, (1, 5))
+            correct[li] += torch.tensor([hits[1], hits[5]])
             if return_scores:
                 scores[layer].append(logits.cpu())
         seen += len(labels)
-    out = {layer: {"metrics": {f"top{k}": correct[layer][k] / max(1, seen) for k in (1, 5)}, **selection[layer]}
-           for layer in layers}
+    if data_parallel:  # every rank's val rows
+        correct, seen = parallel.all_reduce_sum([correct, torch.tensor(seen)])
+        seen = int(seen)
+    out = {layer: {"metrics": {f"top{k}": int(correct[li, j]) / max(1, seen) for j, k in enumerate((1, 5))},
+                   **selection[layer]} for li, layer in enumerate(layers)}
     if return_scores:
         for layer in layers:
-            out[layer]["val_scores"] = torch.cat(scores[layer])
+            out[layer]["val_scores"] = torch.cat(scores[layer]) if scores[layer] else torch.zeros(0, num_classes)
     return out
 
 
@@ -265,26 +304,42 @@ def fit_attentive_rows(train: Rows, val: Rows, num_classes: int, lrs=DEFAULT_LRS
     A stratified `holdout` slice of train selects (lr, wd); the rest is shuffled per epoch with
     (seed, epoch) and read in batches of batch_size from `train.for_epoch(epoch)` (the same batches
     whether the rows are stored or streamed). Pooled rows [b, D] are read as one token each.
+    Rows split among ranks (torchrun; train and val alike) train data-parallel: each rank reads its
+    share of every batch and the grid all-reduces (see AttentiveProbeGrid); "val_scores" are then
+    every rank's, in the one-process order.
     Returns the per-layer dict of `fit_attentive_grid_streamed`.
     """
     if batch_size < 1:
         raise ConfigError(f"probe.batch_size must be >= 1, got {batch_size}")
+    if train.shared != val.shared:
+        raise ValueError("train and val rows must both be split among the ranks, or neither")
     layers = train.layers
     fit_idx, holdout_idx = holdout_split(train.labels, holdout, seed)
+    val_index, val_read = torch.arange(len(val)), []
 
-    def batches(rows: Rows, index, epoch=None):
+    def batches(rows: Rows, index, epoch=None, read_rows=None):
         if epoch is not None:  # shuffle by (seed, epoch): resuming replays the same order
             index = index[torch.randperm(len(index), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))]
         for feats, read in rows.read(index, batch_size):
-            if len(read):  # a streamed batch whose items were all unreadable has nothing to step on
+            # a batch whose items were all unreadable has nothing to step on; a rank's empty share
+            # of a train batch still steps with the others (data parallel)
+            if len(read) or (epoch is not None and rows.shared):
+                if read_rows is not None:
+                    read_rows.append(read)
                 yield as_tokens(feats), rows.labels[read]
 
-    return fit_attentive_grid_streamed(
+    out = fit_attentive_grid_streamed(
         lambda epoch: batches(train.for_epoch(epoch), fit_idx, epoch), lambda: batches(train, holdout_idx),
-        lambda: batches(val, torch.arange(len(val))), layers, train.row_shape[-1], num_classes,
+        lambda: batches(val, val_index, read_rows=val_read), layers, train.row_shape[-1], num_classes,
         lrs, wds, epochs, num_heads, warmup_epochs, steps_per_epoch=-(-len(fit_idx) // batch_size), seed=seed,
         device=device, state_path=state_path, on_epoch=on_epoch, return_scores=return_scores, positions=positions,
-        head=head, save_state=save_state)
+        head=head, save_state=save_state, data_parallel=train.shared)
+    if return_scores and val.shared:  # every rank's val scores, in the one-process order
+        read = torch.cat(val_read) if val_read else torch.zeros(0, dtype=torch.long)
+        _, scores = in_index_order(val_index, read, torch.stack([out[layer]["val_scores"] for layer in layers]), 1)
+        for li, layer in enumerate(layers):
+            out[layer]["val_scores"] = scores[li]
+    return out
 
 
 @dataclass(frozen=True)
@@ -345,14 +400,18 @@ class AttentiveProbe(Probe):
         "vjepa": "probe head vjepa (cross-attention + MLP): the paper's higher-capacity head of its appendix, "
                  "not its main protocol"}
 
-    def deviations(self, spec: AttentiveSpec) -> list[str]:
+    def deviations(self, spec: AttentiveSpec, streamed: bool = False) -> list[str]:
+        """See Probe.deviations; streamed: whether the probe trained on features streamed through the
+        backbone (tasks/streaming.py) rather than cached ones (either way without augmentation unless
+        probe.augment)."""
         out = [self.HEAD_DEVIATIONS[spec.head]] if spec.head in self.HEAD_DEVIATIONS else []
         if spec.pooling != "tokens":
             out.append(f"tokens {spec.pooling}-pooled before the probe; the paper's probe reads every token")
         if spec.positions != "none":
             out.append(f"a learnable {spec.positions} position embedding inside the probe (our addition)")
         if not spec.augment:
-            out.append("trained on cached features, without the augmentation the reference probes train with")
+            out.append(f"trained on {'streamed' if streamed else 'cached'} features, without the augmentation "
+                       f"the reference probes train with")
         return out
 
     @staticmethod

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from totobench import parallel
 from totobench.errors import ConfigError
 
 
@@ -159,10 +160,15 @@ class AimProbes(nn.Module):
     Computed folded: scores = BN(x) . (W_k,h q_h) and values = W_v of the attention-weighted mean
     of BN(x); BN is affine per channel, so both fold exactly and K, V are never materialised.
     forward(tokens [B, L, D]) -> logits [n, B, C]; call .train()/.eval() as for nn.BatchNorm1d.
+    sync_statistics=True (torchrun data parallel, set by the grid): each rank holds its share of
+    the batch and the training statistics are those of every rank's tokens (sync BatchNorm, exact
+    two passes: all-reduced count and sum give the mean, all-reduced squared deviations the
+    variance), so the running statistics stay equal on every rank.
     """
 
     eps: ClassVar[float] = 1e-6
     momentum: ClassVar[float] = 0.1
+    sync_statistics: bool = False
 
     def __init__(self, n: int, dim: int, num_classes: int, num_heads: int = 8, generator: torch.Generator | None = None):
         super().__init__()
@@ -191,8 +197,11 @@ class AimProbes(nn.Module):
         # the tokens are frozen features: the statistics need no gradient, and two plain passes are
         # ~2.5x faster here than var_mean over dim 0 (the probe's largest cost), equal to 1e-6 relative
         with torch.no_grad():
-            mean = flat.mean(0)
-            var = (flat - mean).pow_(2).mean(0)
+            if self.sync_statistics:
+                count, mean, var = _synced_statistics(flat)
+            else:
+                mean = flat.mean(0)
+                var = (flat - mean).pow_(2).mean(0)
         with torch.no_grad():
             unbiased = var * (count / max(count - 1, 1))
             self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
@@ -214,6 +223,16 @@ class AimProbes(nn.Module):
         pooled = (pooled - mean[:, None, None, :]) * rstd[:, None, None, :]
         v = torch.einsum("nbhd,ndhe->nbhe", pooled, self.v_proj.view(n, dim, heads, head_dim))
         return v.reshape(n, -1, dim) @ self.head_weight
+
+
+def _synced_statistics(flat: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, mean [D], biased variance [D]) of the rows [b, D] of every rank (b may be 0 on some)."""
+    total, count = parallel.all_reduce_sum([flat.sum(0, dtype=torch.float64),
+                                            torch.tensor(flat.shape[0], dtype=torch.float64)])
+    count = int(count)
+    mean = (total / max(count, 1)).to(flat.dtype)
+    (squares,) = parallel.all_reduce_sum([(flat - mean).pow_(2).sum(0, dtype=torch.float64)])
+    return count, mean, (squares / max(count, 1)).to(flat.dtype)
 
 
 class VJepaProbes(nn.Module):

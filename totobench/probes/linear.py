@@ -17,6 +17,10 @@ decorrelated ones ~15 (benchmarks/probe_grid_real.py). The best
 (lr, wd) of each layer is chosen by top-1 on that slice; then (refit=True, the default) one head
 per layer is retrained with its chosen hyper-parameters on all of train and reported on val.
 The heads are saved after every epoch (ctx.state_dir): a killed run resumes with the same numbers.
+Rows split among torchrun ranks (features.stream.Rows.shared) train data-parallel: each rank reads
+its share of every batch; the statistics, the gradients (_shared_step) and the counts are summed
+over the ranks, val scores gathered, so every rank steps and reports as one process (to float
+summation order: tests/test_probe_data_parallel.py).
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Callable, ClassVar, Iterator
 import torch
 import torch.nn as nn
 
+from totobench import parallel
 from totobench.errors import ConfigError
 from totobench.io import atomic_path
-from totobench.features.stream import ArrayRows, Rows
+from totobench.features.stream import ArrayRows, Rows, in_index_order
 from totobench.metrics.classification import topk_accuracy, true_class_rank
 from totobench.probes.base import (CLASS_SCORES, LayerResult, Probe, ProbeContext, ProbeData, ProbeSpec,
                                    classification_results, held_state, rows_of, state_file)
@@ -74,9 +79,10 @@ def _rows(features, layers: list[int]) -> Rows:
     return features if isinstance(features, Rows) else ArrayRows({layer: features[layer] for layer in layers})
 
 
-def _stacked(rows: Rows, layers: list[int], index: torch.Tensor, device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(features [layers, b, D] fp32, rows [b]) over chunks of CHUNK_ROWS rows of index."""
-    for feats, read in rows.read(index, CHUNK_ROWS, device):
+def _stacked(rows: Rows, layers: list[int], index: torch.Tensor, device,
+             chunk: int = CHUNK_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(features [layers, b, D] fp32, rows [b]) over chunks of `chunk` rows of index."""
+    for feats, read in rows.read(index, chunk, device):
         yield torch.stack([feats[layer] for layer in layers]), read
 
 
@@ -92,6 +98,8 @@ def _standardisation(features, layers: list[int], index: torch.Tensor, device) -
         total += x.sum(1)
         total_sq += (x * x).sum(1)
         count += len(read)
+    if rows.shared:  # every rank's rows: the statistics of one process (float64 sums)
+        total, total_sq, count = _summed(total, total_sq, count)
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0).sqrt()
     return mean.float(), std.float().clamp_min(1e-6)
@@ -117,11 +125,21 @@ def _whitening(features, layers: list[int], index: torch.Tensor, device,
         z = (x - mean[:, None, :]) / std[:, None, :]
         gram += (z.transpose(1, 2) @ z).double()  # fp32 products per chunk, fp64 sums
         count += len(read)
+    if rows.shared:
+        gram, count = _summed(gram, count)
     evals, evecs = torch.linalg.eigh(gram / count)
     evals = evals.clamp_min(0) + shrink * evals.clamp_min(0).mean(1, keepdim=True)
     evals = evals.clamp_min(1e-12)
     transform = evecs * evals.rsqrt()[:, None, :] / std.double()[:, :, None]
     return mean, transform.float(), evals.reciprocal().float()
+
+
+def _summed(*parts):
+    """Sums over the ranks (torchrun data parallel) of tensors and int counts, in one all-reduce
+    per dtype; ints come back as ints."""
+    tensors = [p if isinstance(p, torch.Tensor) else torch.tensor(p, dtype=torch.long) for p in parts]
+    out = parallel.all_reduce_sum(tensors)
+    return tuple(o if isinstance(p, torch.Tensor) else int(o) for p, o in zip(parts, out))
 
 
 def _normalisation(rows: Rows, layers: list[int], index: torch.Tensor, device, whiten: float | None):
@@ -132,13 +150,38 @@ def _normalisation(rows: Rows, layers: list[int], index: torch.Tensor, device, w
 
 
 def _batches(features, layers: list[int], index: torch.Tensor, mean, std, batch_size: int, device):
-    """Yield (normalised features [layers, B, D], rows [B]) over consecutive slices of index."""
-    for x, rows in _stacked(_rows(features, layers), layers, index, device):
-        x = x - mean[:, None, :]
-        # std: [layers, D] per-feature scales (standardise) or [layers, D, D] (whiten)
-        x = torch.bmm(x, std) if std.dim() == 3 else x / std[:, None, :]
-        for b in range(0, len(rows), batch_size):
-            yield x[:, b:b + batch_size], rows[b:b + batch_size]
+    """Yield (normalised features [layers, B, D], rows [B]) over consecutive slices of index. Rows
+    split among ranks yield this rank's share of every slice, empty ones included (_shared_batches)."""
+    rows = _rows(features, layers)
+    if rows.shared:
+        yield from _shared_batches(rows, layers, index, mean, std, batch_size, device)
+        return
+    for x, read in _stacked(rows, layers, index, device):
+        x = _normalised(x, mean, std)
+        for b in range(0, len(read), batch_size):
+            yield x[:, b:b + batch_size], read[b:b + batch_size]
+
+
+def _normalised(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """x [layers, b, D] minus mean, then scaled: std [layers, D] per feature (standardise) or a
+    [layers, D, D] transform (whiten)."""
+    x = x - mean[:, None, :]
+    return torch.bmm(x, std) if std.dim() == 3 else x / std[:, None, :]
+
+
+def _shared_batches(rows: Rows, layers: list[int], index: torch.Tensor, mean, std, batch_size: int, device):
+    """_batches of rows split among ranks: chunks of whole batches are read (this rank's share of
+    each), and the rows of the chunk's batch k (positions k * B .. k * B + B - 1 of the chunk) are
+    yielded as batch k, so that the ranks' shares of a batch make up the one-process batch."""
+    chunk = batch_size * max(1, CHUNK_ROWS // batch_size)
+    for c, (x, read) in enumerate(_stacked(rows, layers, index, device, chunk)):
+        piece = index[c * chunk:(c + 1) * chunk]
+        x = _normalised(x, mean, std)
+        ordered, order = piece.sort()
+        batch_of = order[torch.searchsorted(ordered, read.contiguous())] // batch_size   # shares keep order
+        bounds = torch.searchsorted(batch_of, torch.arange(-(-len(piece) // batch_size) + 1)).tolist()
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            yield x[:, lo:hi], read[lo:hi]
 
 
 @torch.no_grad()
@@ -166,7 +209,7 @@ def train_linear_heads(rows: Rows, layers: list[int], index: torch.Tensor, lr: t
     generator = torch.Generator().manual_seed(seed)
     total_steps = epochs * -(-len(index) // batch_size)
     # when every row fits in one chunk, normalise the rows once instead of once per epoch
-    fits = (not rows.streamed and len(index) <= CHUNK_ROWS
+    fits = (not rows.streamed and not rows.shared and len(index) <= CHUNK_ROWS
             and num_layers * len(index) * rows.row_shape[-1] * 4 <= RESIDENT_BYTES)
     resident = next(_batches(rows, layers, index, mean, std, len(index), device))[0] if fits else None
     start = 0
@@ -184,6 +227,9 @@ def train_linear_heads(rows: Rows, layers: list[int], index: torch.Tensor, lr: t
         else:
             epoch = _batches(rows.for_epoch(e), layers, order, mean, std, batch_size, device)
         for x, read in epoch:
+            if rows.shared:
+                _shared_step(heads, optimizer, x, onehot[read.to(device)], l2, total_steps)
+                continue
             if not len(read):
                 continue  # a streamed batch whose items were all unreadable
             # softmax cross-entropy, gradient written out: d loss / d logits = (softmax - onehot) / B
@@ -200,6 +246,22 @@ def train_linear_heads(rows: Rows, layers: list[int], index: torch.Tensor, lr: t
     return heads
 
 
+def _shared_step(heads: LinearHeads, optimizer: GridAdamW, x: torch.Tensor, onehot: torch.Tensor, l2,
+                 total_steps: int) -> None:
+    """One step of train_linear_heads on this rank's share x [layers, b, D] (b may be 0) of a batch:
+    the loss is the mean over the batch of every rank (its row count all-reduced), the data terms
+    of the gradients are summed over the ranks (one all-reduce), the L2 term is added once; every
+    rank then takes the same step. A batch no rank could read is skipped by all."""
+    (count,) = _summed(len(x[0]))
+    if not count:
+        return
+    grad = heads(x).softmax(-1).sub_(onehot[None, :, None, :]).div_(count)
+    grad = grad.view(x.shape[0], x.shape[1], -1)
+    weight, bias = parallel.all_reduce_sum([torch.bmm(x.transpose(1, 2), grad), grad.sum(1, keepdim=True)])
+    heads.weight.grad, heads.bias.grad = weight.addcmul_(l2, heads.weight), bias
+    optimizer.step(cosine_lr_scale(optimizer.steps, total_steps))
+
+
 @torch.no_grad()
 def predict(heads: LinearHeads, rows: Rows, layers: list[int], index: torch.Tensor, mean, std,
             batch_size: int = 1024, device="cpu"):
@@ -214,10 +276,15 @@ def count_correct(heads: LinearHeads, rows: Rows, layers: list[int], index: torc
     counts = {k: torch.zeros(len(layers), heads.num_heads, dtype=torch.long) for k in ks}
     seen = 0
     for logits, read in predict(heads, rows, layers, index, mean, std, device=device):
+        if not len(read):
+            continue
         rank = true_class_rank(logits, rows.labels[read][None, :, None].expand(logits.shape[:3]))  # [layers, B, heads]
         for k in ks:
             counts[k] += (rank < k).sum(1).cpu()
         seen += len(read)
+    if rows.shared:  # every rank's rows
+        *summed, seen = _summed(*[counts[k] for k in ks], seen)
+        counts = dict(zip(ks, summed))
     return counts, seen
 
 
@@ -321,8 +388,10 @@ def _score_val(out: dict[int, dict], heads, val: Rows, layers: list[int], mean, 
     if return_scores:
         parts = [(logits[:, :, 0].cpu(), read) for logits, read in predict(heads, val, layers, val_index, mean, std,
                                                                             device=device)]
-        scores = torch.cat([p for p, _ in parts], dim=1)
-        labels = val.labels[torch.cat([r for _, r in parts])]
+        scores, read = torch.cat([p for p, _ in parts], dim=1), torch.cat([r for _, r in parts])
+        if val.shared:  # every rank's scores, in the one-process order
+            read, scores = in_index_order(val_index, read, scores, dim=1)
+        labels = val.labels[read]
         for li, layer in enumerate(layers):
             out[layer]["metrics"] = topk_accuracy(scores[li], labels, (1, 5))
             out[layer]["val_scores"] = scores[li]

@@ -366,7 +366,7 @@ class Task:
     def deviations(self, spec: ProbeSpec, inputs: dict, ctx: RunContext) -> list[str]:
         """How this run departs from the paper's protocol (the probe's, then the task's own), one
         short sentence each; [] when faithful. Task kinds add theirs."""
-        return self.probe.deviations(spec)
+        return streaming.probe_deviations(self, ctx, inputs, spec)
 
     def reported(self, metrics: dict[str, float]) -> dict[str, float]:
         """The metrics the YAML's `metrics:` selects, in the task's order."""

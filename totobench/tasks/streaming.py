@@ -11,9 +11,14 @@ once, from the train split. Nothing of a streamed split is written to the cache.
 probe inputs join `split.info["segments"]` consecutive items (kinetics) streams whole inputs: each
 read forwards their items and joins them as the cache's JoinedRows does.
 
-Under torchrun the probe is trained by every rank in step (a "run" job of
-features.distributed): each rank forwards its share of every batch and the pooled features are
-all-gathered, so every rank steps every head on the whole batch and the numbers are one process's.
+Under torchrun the probe trains data-parallel on every rank in step (a "run" job of
+features.distributed): the train and val rows are split among the ranks, each rank forwards (or
+reads, for cached val features) only its share of every batch and keeps it; the probe all-reduces
+the global row count and the summed gradients of all heads every step (AIM's BatchNorm statistics
+too), its normalisation statistics, held-out and val counts, and gathers the val scores, so every
+rank takes the one-process step and rank 0 reports the one-process numbers up to float summation
+order (tests/test_probe_data_parallel.py). Rows the other ranks could not read come back in their
+reports and are dropped on rank 0 as its own.
 This module is used by tasks/base.py only and imports nothing of it (the task comes as an object).
 """
 
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
 from typing import Any
 
@@ -58,6 +64,15 @@ def streams_train(task, ctx, inputs: dict, spec, train) -> bool:
                f"its train features ({format_bytes(estimate.train_bytes)}) exceed the cache budget")
         raise ConfigError(f"task {task.name}: {why}, but probe {spec.name} cannot stream; raise --cache-budget")
     return True
+
+
+def probe_deviations(task, ctx, inputs: dict, spec) -> list[str]:
+    """The probe's deviations (Probe.deviations), told whether it trains streamed when its
+    `deviations` takes `streamed` (the attentive probe's text names the features it trained on)."""
+    probe = task.probe
+    if "streamed" not in inspect.signature(probe.deviations).parameters:
+        return probe.deviations(spec)
+    return probe.deviations(spec, streamed=streams_train(task, ctx, inputs, spec, None))
 
 
 def val_fits(task, ctx, inputs: dict, spec) -> bool:
@@ -142,8 +157,9 @@ def _drop_unread(data: ProbeData, dropped: list[int]) -> None:
 
 
 def fit_streamed_everywhere(ctx, spec, train: ProbeData, val: ProbeData, probe_ctx: ProbeContext) -> dict:
-    """`probe.fit_streamed` here, and under torchrun on every rank in step (a "run" job: ranks > 0
-    forward their share of each batch, write no state and discard their results)."""
+    """`probe.fit_streamed` here, and under torchrun on every rank in step (a "run" job: every rank
+    reads its share of each batch, data-parallel; ranks > 0 write no state and report only what
+    they forwarded and could not read)."""
     if not parallel.info().active:
         return fit_on_rank(ctx.backbone, ctx.device, spec, train, val, probe_ctx)
     # stored features travel as ArrayRows (memmaps by file name), not as pickled arrays
@@ -161,6 +177,7 @@ def fit_streamed_everywhere(ctx, spec, train: ProbeData, val: ProbeData, probe_c
         distributed.send_report(distributed.failure_report(err))
         raise
     reports = distributed.collect_reports({"computed": 0, "reused": 0, "forwarded": _forwarded(train, val)})
+    _merge_unread(reports[1:], train, val)
     if ctx.console is not None:
         ctx.console.print(f"[dim]{probe_ctx.desc} streamed probe: items forwarded per rank "
                           f"{[r.get('forwarded', 0) for r in reports]}[/]")
@@ -169,14 +186,31 @@ def fit_streamed_everywhere(ctx, spec, train: ProbeData, val: ProbeData, probe_c
 
 def fit_on_rank(backbone, device: torch.device, spec, train: ProbeData, val: ProbeData, probe_ctx: ProbeContext,
                 shared: bool = False) -> dict:
-    """Bind the streamed rows to this process's backbone and fit the probe the spec names; the
-    results ({layer: LayerResult}) on the primary process, {"forwarded": items} on the others."""
+    """Bind the streamed rows to this process's backbone (shared: split every split's rows among
+    the ranks) and fit the probe the spec names; the results ({layer: LayerResult}) on the primary
+    process, {"forwarded": items, "unread": [(skipped, dropped) per split]} on the others."""
     for data in (train, val):
         if isinstance(data.rows, StreamedRows):
             data.rows.bind(backbone, device, shared=shared)
+        elif data.rows is not None:
+            data.rows.split_among_ranks(shared)
     probe_ctx = dataclasses.replace(probe_ctx, device=device)
     results = PROBES.get(spec.name)().fit_streamed(train, val, spec, probe_ctx)
-    return results if probe_ctx.primary else {"forwarded": _forwarded(train, val)}
+    if probe_ctx.primary:
+        return results
+    return {"forwarded": _forwarded(train, val),
+            "unread": [(data.rows.skipped, data.rows.dropped) if isinstance(data.rows, StreamedRows) else ([], [])
+                       for data in (train, val)]}
+
+
+def _merge_unread(reports: list[dict], *splits: ProbeData) -> None:
+    """Add the items the other ranks could not read (their reports' "unread") to this rank's rows,
+    so that rank 0 reports and drops them as one process would."""
+    for report in reports:
+        for data, (skipped, dropped) in zip(splits, report.get("unread", [])):
+            if isinstance(data.rows, StreamedRows):
+                data.rows.skipped.extend(skipped)
+                data.rows.dropped.extend(dropped)
 
 
 def _forwarded(*splits: ProbeData) -> int:

@@ -128,3 +128,21 @@ def test_settings_name_the_bad_key(override, key):
     from totobench.tasks.config import load_task_config
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_task_config("robot", [override])
+
+
+def test_cortexbench_variant_has_cortexbench_settings_and_names_its_camera():
+    """robot-cortexbench: CortexBench's 5 MetaWorld tasks, 25 demos, 25 x 3 rollouts of 500 single-step
+    decisions, 100 epochs; MetaWorld 3.1.1 has no top_cap2, so its camera is a recorded deviation."""
+    from totobench.tasks.config import load_task_config
+    cfg = load_task_config("robot-cortexbench")
+    ctx = RunContext(backbone=FakeBackbone(), layers=[0], device=torch.device("cpu"), quick=False,
+                     data_root=None, artifacts_dir=None, cache=None, console=None)
+    task = RobotBC(cfg)
+    s = task._settings(ctx)
+    assert list(cfg.dataset.env) == ["assembly", "bin-picking", "button-press-topdown", "drawer-open", "hammer"]
+    assert (s["demos"], s["rollouts"], s["episode_length"], s["action_repeat"], s["camera"]) == (25, 75, 500, 1,
+                                                                                                "topview")
+    assert cfg.probe.epochs == 100 and cfg.probe.hidden == (256, 256, 256)
+    quick = task._settings(RunContext(backbone=FakeBackbone(), layers=[0], device=torch.device("cpu"), quick=True,
+                                      data_root=None, artifacts_dir=None, cache=None, console=None))
+    assert quick["rollouts"] < 75 and quick["demo_length"] == 500  # --quick: fewer episodes, full-length demos

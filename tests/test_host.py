@@ -25,11 +25,26 @@ def test_glibc_thresholds_are_set_unless_the_system_allocator_is_asked_for():
     assert _applied("system") == "False"
 
 
-def test_the_command_applies_it_before_any_handler(monkeypatch, capsys):
+def test_the_command_applies_it_before_main_and_main_alone_does_not(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept"))
+    monkeypatch.setattr(cli, "main", lambda argv=None: calls.append("main") or 0)
+    assert cli.entry() == 0
+    assert calls == ["kept", "main"]
+
+
+def test_main_called_in_process_leaves_the_allocator_alone(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("kept"))
     assert cli.main(["ls", "tasks"]) == 0
-    assert calls == ["kept"]
+    assert calls == []
+
+
+def test_the_console_script_is_entry():
+    import tomllib
+    from pathlib import Path
+    scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["totobench"] == "totobench.cli:entry"
 
 
 def test_it_is_applied_once_per_process(monkeypatch):

@@ -2,6 +2,6 @@
 
 import sys
 
-from totobench.cli import main
+from totobench.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -222,7 +222,6 @@ def _load_handler(path: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    keep_freed_memory()  # large temporary tensors reuse freed heap memory (see totobench/host.py)
     try:
         return int(_load_handler(args.handler)(args) or 0)
     except TotobenchError as err:
@@ -236,5 +235,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The `totobench` command (console script and `python -m totobench`): large temporary tensors
+    reuse freed heap memory (totobench/host.py), then `main`. Kept out of `main`, which tests and
+    library users call in their own process: the allocator setting is the command's, not theirs."""
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

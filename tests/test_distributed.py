@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from launch import torchrun_two
 
 from totobench.cli import main
 from totobench.errors import DataError, TotobenchError
@@ -24,16 +23,6 @@ def _run_args(world, checkpoint):
     # 48 train / 32 val images in batches of 8: 6 and 4 batches (chunks), 3+3 and 2+2 per rank
     return ["run", "--model", str(checkpoint), "--tasks", "imagenet-linear", "--layers", "0,-1", "--quick",
             "--set", "probe.holdout=0.3", "--set", "batch_size=8", "--data-root", str(world)]
-
-
-def _torchrun_two(args, home, out):
-    """`torchrun --nproc_per_node=2 -m totobench ARGS --out OUT` with its own TOTOBENCH_HOME; must exit 0."""
-    env = {**os.environ, "TOTOBENCH_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "totobench", *args, "--out", str(out)],
-                          env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
-    return proc
 
 
 def _npy_hashes(folder):
@@ -96,7 +85,7 @@ def test_chunks_another_rank_committed_are_reused_by_one_process(micro_checkpoin
 def test_torchrun_two_processes_equals_one_process(tiny_world, micro_checkpoint, tmp_path, monkeypatch):
     args = _run_args(tiny_world, micro_checkpoint)
     home2 = tmp_path / "home-2proc"
-    proc = _torchrun_two(args, home2, tmp_path / "two")
+    proc = torchrun_two(args, home2, tmp_path / "two")
     # the ranks shared the chunks: 6 train batches (3 + 3), 4 val batches (2 + 2)
     assert "imagenet-linear train: chunks computed per rank [3, 3]" in proc.stdout, proc.stdout[-1500:]
     assert "imagenet-linear val: chunks computed per rank [2, 2]" in proc.stdout, proc.stdout[-1500:]
@@ -123,7 +112,7 @@ def test_torchrun_davis_equals_one_process(tiny_world, micro_checkpoint, tmp_pat
     args = ["run", "--model", str(micro_checkpoint), "--tasks", "davis", "--layers", "0,-1",
             "--set", "batch_size=4", "--data-root", str(tiny_world)]
     home2 = tmp_path / "home-2proc"
-    _torchrun_two(args, home2, tmp_path / "two")
+    torchrun_two(args, home2, tmp_path / "two")
     home1 = tmp_path / "home-1proc"
     monkeypatch.setenv("TOTOBENCH_HOME", str(home1))
     assert main([*args, "--out", str(tmp_path / "one")]) == 0

@@ -4,12 +4,11 @@ through the backbone every epoch instead of from the feature cache, with the cac
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from launch import torchrun_two
 
 from totobench.cli import main
 from totobench.errors import ConfigError
@@ -239,11 +238,7 @@ def test_torchrun_two_processes_stream_as_one_process(tiny_world, micro_checkpoi
     args = ["run", "--model", str(micro_checkpoint), "--tasks", task, "--layers", "0,-1", "--quick",
             "--set", "probe.holdout=0.3", "--set", "batch_size=8", "--set", "probe.epochs=3",
             "--data-root", str(tiny_world), "--cache-budget", "12000"]   # train streamed
-    env = {**os.environ, "TOTOBENCH_HOME": str(tmp_path / "home-2"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "totobench", *args, "--out", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    proc = torchrun_two(args, tmp_path / "home-2", tmp_path / "two")
     # every rank forwarded its share of each batch only; cached val images were extracted, 2 chunks per rank
     assert f"{task} streamed probe: items forwarded per rank [{forwarded}, {forwarded}]" in proc.stdout, \
         proc.stdout[-1500:]

@@ -4,13 +4,12 @@ probe input joins the tokens of `segments` consecutive clips, streamed as the ca
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+
+from launch import torchrun_two
 from torch.utils.data import Dataset
 
 from totobench.cli import main
@@ -153,11 +152,7 @@ def test_torchrun_two_processes_stream_joined_segments_as_one(tiny_world, micro_
     args = ["run", "--model", str(micro_checkpoint), "--tasks", task, "--layers", "0,-1", "--quick",
             "--set", f"k400.root={tiny_world / 'kinetics400'}", "--set", "probe.epochs=2",
             "--set", "input.segments=2", *SMALL, "--cache-budget", "0"]
-    env = {**os.environ, "TOTOBENCH_HOME": str(tmp_path / "home-2"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "totobench", *args, "--out", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stdout[-1500:] + proc.stderr[-1500:]
+    proc = torchrun_two(args, tmp_path / "home-2", tmp_path / "two", timeout=110)
     assert f"{task} streamed probe: items forwarded per rank [{forwarded}, {forwarded}]" in proc.stdout, \
         proc.stdout[-1500:]
     monkeypatch.setenv("TOTOBENCH_HOME", str(tmp_path / "home-1"))

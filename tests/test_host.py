@@ -1,5 +1,8 @@
 """totobench/host.py: the command keeps freed memory for reuse (glibc), and can be told not to."""
 
+import contextlib
+import ctypes
+import ctypes.util
 import subprocess
 import sys
 
@@ -53,3 +56,25 @@ def test_it_is_applied_once_per_process(monkeypatch):
     monkeypatch.setattr(host, "_mallopt", lambda: seen.append(1) or True)
     assert host.keep_freed_memory() and host.keep_freed_memory()
     assert seen == [1]
+
+
+@pytest.mark.skipif(host._libc_mallopt() is None, reason="glibc only")
+def test_blocks_handed_out_inside_zeroed_allocations_start_as_zeros():
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+
+    def reused_block(zeroed: bool) -> bytes:
+        """Fill a block with 0xAB, free it, allocate the same size again: what the new block holds."""
+        old = libc.malloc(4096)
+        ctypes.memset(old, 0xAB, 4096)
+        libc.free(old)
+        with host.zeroed_allocations() if zeroed else contextlib.nullcontext():
+            new = libc.malloc(4096)
+        content = ctypes.string_at(new + 64, 4096 - 64)  # past the words malloc keeps in a freed block
+        libc.free(new)
+        return content
+
+    assert reused_block(zeroed=False).count(0xAB) > 3000  # glibc hands the freed block back as it was
+    assert reused_block(zeroed=True) == bytes(4096 - 64)
+    assert reused_block(zeroed=False).count(0xAB) > 3000  # and the setting ends with the block

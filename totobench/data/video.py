@@ -1,7 +1,7 @@
 """H.264 mp4 writing and frame-accurate reading with PyAV.
 
-`write_mp4` is deterministic: one encoder thread, fixed x264 options, no B-frames and bit-exact
-muxing, so the same frames give the same bytes. `read_frames` seeks to the keyframe before each
+`write_mp4` is deterministic: one encoder thread, fixed x264 options, no B-frames, bit-exact
+muxing and x264's fresh memory zeroed, so the same frames give the same bytes in any process. `read_frames` seeks to the keyframe before each
 requested frame instead of decoding the whole file, so reading a few frames of a long video is cheap.
 """
 
@@ -16,6 +16,7 @@ import av.codec.context
 import numpy as np
 
 from totobench.errors import DataError
+from totobench.host import zeroed_allocations
 
 # Frames between keyframes in the files we write: bounds the decoding work of one seek.
 KEYFRAME_INTERVAL = 16
@@ -34,9 +35,10 @@ class VideoInfo:
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float | Fraction, crf: int = 20) -> None:
     """Encode uint8 frames [T, H, W, 3] (RGB, H and W even) as H.264 yuv420p in an mp4 at `fps`.
 
-    Same frames, fps and crf give the same bytes (single-threaded x264, bit-exact muxer): two
-    generations of the default data world in different home folders gave the same 13,685 files,
-    byte for byte, and tests/test_world_deterministic.py compares two generations of the tiny one.
+    Same frames, fps and crf give the same bytes (single-threaded x264, bit-exact muxer, blocks x264
+    allocates zeroed: its lookahead reads some it never writes, totobench/host.py), whatever the
+    process did before: tests/test_world_deterministic.py compares tiny worlds generated in two
+    fresh processes and inside pytest's.
     """
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3:
@@ -45,7 +47,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float | Fraction, crf: 
     if t == 0 or h % 2 or w % 2:
         raise ValueError(f"need at least one frame and even H, W for yuv420p, got {frames.shape}")
     rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
+    # x264 reads some memory it never wrote (macroblock-tree lookahead): zeroed, it reads the same
+    with zeroed_allocations(), av.open(str(path), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.time_base = 1 / rate

@@ -20,7 +20,6 @@ $(VENV)/.installed: pyproject.toml
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq $$missing >/dev/null; fi; fi
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile --upgrade pip
 	$(PY) -m pip install -q --no-compile "torch==2.14.1" "torchvision==0.29.1"
 	$(PY) -m pip install -q --no-compile -e ".[all]"
 	$(PY) -m pip install -q --no-compile --no-deps taming-transformers==0.0.1   # the VQGAN reference of the tests (its own deps are not needed)
@@ -34,20 +33,19 @@ RUN_OUT ?= runs/default
 # raw-pixel floor; then the leaderboard and the layer-sweep comparison. A second run reuses the
 # feature cache and skips the tasks already finished in OUT.
 # Two streams run side by side, one thread each, their shares of the work measured to end together:
-# toto-tiny, then pixels on k400 (on the terminal); random init, then pixels on the other tasks (into
-# OUT/logs/baselines.log). The baselines start with robot, which needs no data world, so the first
-# run's data-world generation (in the toto-tiny stream) does not leave a core idle. Much of the
-# suite does not use two cores (rollouts, decoding, small probe steps).
+# toto-tiny (on the terminal); random init, then pixels (into OUT/logs/baselines.log). The baselines
+# start with robot, which needs no data world, so the first run's data-world generation (in the
+# toto-tiny stream) does not leave a core idle. Much of the suite does not use two cores (rollouts,
+# decoding, small probe steps).
 define suite
 	@mkdir -p $(1)/logs
 	@echo "random-init:toto-tiny and pixels run beside toto-tiny; their progress: $(1)/logs/baselines.log"
 	@OMP_NUM_THREADS=1 sh -c '$(TB) run --model random-init:toto-tiny --tasks robot,ego4d-sta,davis,imagenet,k400 \
 	    --layers all --out $(1) && \
-	  $(TB) run --model pixels --tasks imagenet,ego4d-sta,davis,robot --layers all --out $(1)' \
+	  $(TB) run --model pixels --tasks imagenet,ego4d-sta,davis,robot,k400 --layers all --out $(1)' \
 	  > $(1)/logs/baselines.log 2>&1 & \
 	baselines=$$!; trap 'kill $$baselines 2>/dev/null' INT TERM; \
-	OMP_NUM_THREADS=1 $(TB) run --model toto-tiny --tasks all --layers all --out $(1) && \
-	OMP_NUM_THREADS=1 $(TB) run --model pixels --tasks k400 --layers all --out $(1); main=$$?; \
+	OMP_NUM_THREADS=1 $(TB) run --model toto-tiny --tasks all --layers all --out $(1); main=$$?; \
 	wait $$baselines; base=$$?; \
 	if [ $$base -ne 0 ]; then echo "the baselines failed (exit $$base); the end of $(1)/logs/baselines.log:"; \
 	  tail -n 20 $(1)/logs/baselines.log; fi; \

@@ -1,5 +1,7 @@
 """The Toto decoder: preset sizes, forward_intermediates, causality, RoPE, config round trip."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -127,3 +129,18 @@ def test_rope_base_changes_output_and_sequences_longer_than_max_seq_len_work(tok
     assert out.shape == (1, 40, 23)
     # position 0 has no rotation, so the first token's output is independent of the base
     torch.testing.assert_close(m1(tokens)[:, 0], m2(tokens)[:, 0], rtol=0, atol=1e-6)
+
+
+def test_forward_in_parts_gives_the_one_pass_values_bit_for_bit():
+    """Extraction on CPU runs the transformer on a few sequences at a time (tokens.forward_in_parts):
+    with the bundled model's shapes, every layer's output equals the one-pass output exactly."""
+    from totobench.model.tokens import forward_in_parts
+
+    model = Toto.from_pretrained(Path(__file__).resolve().parents[1] / "checkpoints" / "toto-tiny")
+    tokens = torch.randint(0, model.config.vocab_size, (10, 513), generator=torch.Generator().manual_seed(2))
+    layers = list(range(model.config.n_layers))
+    with torch.no_grad():
+        whole = model.forward_intermediates(tokens, layers)
+        parts = forward_in_parts(model, tokens, layers, max_tokens=2048)  # 3 sequences per part
+    assert len(parts) == len(layers)
+    assert all(torch.equal(a, b) for a, b in zip(parts, whole))

@@ -142,7 +142,10 @@ def test_grid_steps_on_halves_equal_steps_on_whole_batches(runs, head):
     if head == "aim":   # the BatchNorm statistics moved, as one process's: sync BN over the whole batch
         assert int(state["0.num_batches_tracked"]) == 8 and not torch.allclose(state["0.running_var"],
                                                                              torch.ones_like(state["0.running_var"]))
-    _assert_states(state, rank0[head]["state"], atol=1e-6)
+    # the sums over halves round otherwise than over the whole batch, and AdamW's normalised step
+    # turns a rounding difference of a near-zero gradient into up to lr: 1.3e-6 seen on one CPU
+    # (1e-5 is still 1,000x below one step of lr 1e-2)
+    _assert_states(state, rank0[head]["state"], atol=1e-5)
     for name, value in rank0[head]["state"].items():   # the ranks hold the very same heads
         assert torch.equal(value, rank1[head]["state"][name]), name
     # the loss of a step is the whole batch's on every rank (the count and the loss all-reduced)

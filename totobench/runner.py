@@ -102,9 +102,21 @@ def resolve_data_root(cfg: TaskConfig, data_root: str | None) -> Path | None:
 
 
 def _env_info(device: torch.device) -> dict:
+    """The machine a result was made on. The CPU model and the kernels torch picked for it are in:
+    float results can differ in their last bits from one CPU to another, which a closed-loop task
+    (robot rollouts) can turn into other episodes."""
     return {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_count": os.cpu_count(), "device": str(device), "torch_threads": torch.get_num_threads(),
             "hostname": platform.node()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return platform.processor()
 
 
 def result_document(backbone, task: Task, out: TaskOutput, data_root: Path | None, layers: list[int],

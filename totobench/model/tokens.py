@@ -29,6 +29,10 @@ from totobench.model.toto import Toto
 from totobench.registry import did_you_mean
 
 ENCODE_BATCH = 256                # frames per tokenizer call, to bound the conv activations' memory
+# On CPU the transformer runs on sequences of at most this many tokens at a time: a batch of 64
+# clips (32k tokens, 33 MB per activation) streams every activation through memory, 8 clips' stay
+# in cache; toto-tiny's clips/s 1.8x, the same values bit for bit (benchmarks/forward_microbatch.py).
+CPU_FORWARD_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,7 @@ class TokenBackbone(Backbone):
         else:
             sequences, start = ids.reshape(B, T * h * w), self.layout.video_start_id
         starts = torch.full((sequences.shape[0], 1), start, dtype=torch.long, device=ids.device)
-        feats = self.model.forward_intermediates(torch.cat([starts, sequences], dim=1), layers)
+        feats = forward_in_parts(self.model, torch.cat([starts, sequences], dim=1), layers)
         return [f[:, 1:].reshape(B, T, h, w, -1) for f in feats]
 
     def flops_per_token(self) -> int:
@@ -93,6 +97,18 @@ class TokenBackbone(Backbone):
         i = self.inputs
         seq_len = 1 + i.num_frames * (i.resolution // i.patch_size) ** 2
         return transformer_flops_per_token(self.model, seq_len, self.num_layers)
+
+
+def forward_in_parts(model, sequences: torch.Tensor, layers, max_tokens: int = CPU_FORWARD_TOKENS):
+    """model.forward_intermediates(sequences, layers), run on CPU in near-equal parts of at most `max_tokens`
+    tokens (whole sequences; on a GPU in one go). Each sequence's outputs do not depend on the
+    others in its batch, so the parts give the values of one pass."""
+    rows = max(1, max_tokens // sequences.shape[1])
+    if sequences.device.type != "cpu" or len(sequences) <= rows:
+        return model.forward_intermediates(sequences, layers)
+    count = -(-len(sequences) // rows)
+    parts = [model.forward_intermediates(part, layers) for part in sequences.split(-(-len(sequences) // count))]
+    return [torch.cat(per_layer) for per_layer in zip(*parts)]
 
 
 def check_vocabulary(tokenizer, layout: TokenLayout, vocab_size: int, name: str) -> None:

@@ -42,6 +42,7 @@ SKIP_SCRIPTS = {"report.py"}
 # arguments per benchmark script: "full" for the report, "smoke" for --smoke (checking report.py itself)
 SCRIPT_ARGS = {
     "forward.py": {"full": ["--repeats", "3"], "smoke": ["--models", "toto-tiny", "--repeats", "1"]},
+    "forward_microbatch.py": {"full": ["--repeats", "3"], "smoke": ["--clips", "16", "--repeats", "1"]},
     "layer_sweep.py": {"full": ["--repeats", "3"], "smoke": ["--models", "toto-tiny", "--repeats", "1"]},
     "extract_memory.py": {"full": ["--n", "128"], "smoke": ["--n", "16", "--pooling", "tokens"]},
     "probe_grid.py": {"full": [], "smoke": ["--layers", "2", "--n", "400", "--epochs", "2"]},

@@ -33,6 +33,16 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """A test that sets torch's thread count (pre-training, tokenizing do) leaves it as it found it."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory):
     """The data world at size tiny (seconds to generate), shared by the whole session."""

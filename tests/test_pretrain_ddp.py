@@ -10,17 +10,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from pretrain_fixtures import REPO, make_corpus, micro_config
 from totobench.cli import main
-
-
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _curve(path):

@@ -32,13 +32,6 @@ from totobench.model.backbone import resolve_precision
 DDP_REL_TOL = 1e-5  # measured 3.6e-7
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus_root(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))

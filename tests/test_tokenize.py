@@ -36,13 +36,6 @@ SETTINGS = dict(resolution=16, frames=4, stride=2, shard_tokens=100, batch_files
 ARGS = ["--resolution", "16", "--frames", "4", "--stride", "2", "--shard-tokens", "100", "--batch", "3"]
 
 
-@pytest.fixture(autouse=True)
-def keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """A micro corpus (5 videos of 12 frames, 8 images), one broken video, one 3-frame video

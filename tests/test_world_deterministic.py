@@ -3,7 +3,7 @@ fingerprints): two runs of identical commands can be told identical from their r
 
 Each generation runs `totobench data synth` in its own fresh process, in its own home folder, as a
 user's first run does; the session's `tiny_world` fixture, made inside pytest's busy process, must
-give the same bytes too. (Before write_mp4 zeroed x264's fresh memory, 12 or 13 of its Kinetics clips
+give the same bytes too. (Before write_mp4 zeroed x264's fresh memory, 4 to 13 of its Kinetics clips
 differed: x264's lookahead reads memory it never wrote, see totobench/host.py.)"""
 
 import hashlib

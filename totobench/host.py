@@ -13,8 +13,9 @@ No-op off glibc (macOS, musl) or with $TOTOBENCH_MALLOC=system.
 `zeroed_allocations()` makes every block malloc hands out inside it start as zeros. x264 reads memory
 it never wrote in its macroblock-tree lookahead, so the same frames encoded in two processes (or
 after other allocations) now and then gave other bytes (3 of 8 processes, 120 encodes each, of one
-clip); with fresh blocks zeroed, 1,200 encodes in 10 processes gave one output, the one a fresh
-process gives (benchmarks/ is not needed: tests/test_world_deterministic.py checks it).
+clip); with fresh blocks zeroed, 5,120 encodes (4 clips, 16 processes with other allocations
+between encodes) gave one output per clip, the one a fresh process gives.
+tests/test_world_deterministic.py checks whole tiny worlds. Off glibc it does nothing.
 """
 
 from __future__ import annotations

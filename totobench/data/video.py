@@ -1,8 +1,9 @@
 """H.264 mp4 writing and frame-accurate reading with PyAV.
 
 `write_mp4` is deterministic: one encoder thread, fixed x264 options, no B-frames, bit-exact
-muxing and x264's fresh memory zeroed, so the same frames give the same bytes in any process. `read_frames` seeks to the keyframe before each
-requested frame instead of decoding the whole file, so reading a few frames of a long video is cheap.
+muxing and x264's fresh memory zeroed, so the same frames give the same bytes in any process.
+`read_frames` seeks to the keyframe before each requested frame instead of decoding the whole file,
+so reading a few frames of a long video is cheap.
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from totobench.registry import did_you_mean
 
 ENCODE_BATCH = 256                # frames per tokenizer call, to bound the conv activations' memory
 # On CPU the transformer runs on sequences of at most this many tokens at a time: a batch of 64
-# clips (32k tokens, 33 MB per activation) streams every activation through memory, 8 clips' stay
-# in cache; toto-tiny's clips/s 1.8x, the same values bit for bit (benchmarks/forward_microbatch.py).
+# clips (32k tokens, 33 MB per activation) streams every activation through memory, 7 clips' stay
+# in cache; toto-tiny's clips/s 1.62x, the same values bit for bit (benchmarks/forward_microbatch.py).
 CPU_FORWARD_TOKENS = 4096
 
 
@@ -100,15 +100,15 @@ class TokenBackbone(Backbone):
 
 
 def forward_in_parts(model, sequences: torch.Tensor, layers, max_tokens: int = CPU_FORWARD_TOKENS):
-    """model.forward_intermediates(sequences, layers), run on CPU in near-equal parts of at most `max_tokens`
-    tokens (whole sequences; on a GPU in one go). Each sequence's outputs do not depend on the
-    others in its batch, so the parts give the values of one pass."""
-    rows = max(1, max_tokens // sequences.shape[1])
-    if sequences.device.type != "cpu" or len(sequences) <= rows:
+    """model.forward_intermediates(sequences, layers), run on CPU in near-equal parts of whole
+    sequences, at most `max_tokens` tokens each (on a GPU in one go). A sequence's outputs do not
+    depend on the others in its batch, so the parts give the values of one pass."""
+    n, rows = len(sequences), max(1, max_tokens // sequences.shape[1])
+    if sequences.device.type != "cpu" or n <= rows:
         return model.forward_intermediates(sequences, layers)
-    count = -(-len(sequences) // rows)
-    parts = [model.forward_intermediates(part, layers) for part in sequences.split(-(-len(sequences) // count))]
-    return [torch.cat(per_layer) for per_layer in zip(*parts)]
+    num_parts = -(-n // rows)
+    outputs = [model.forward_intermediates(part, layers) for part in sequences.split(-(-n // num_parts))]
+    return [torch.cat(per_layer) for per_layer in zip(*outputs)]
 
 
 def check_vocabulary(tokenizer, layout: TokenLayout, vocab_size: int, name: str) -> None:
